@@ -1,0 +1,35 @@
+"""The ``minipaged`` command line. Each subcommand lives beside the code it drives; this file only
+collects them, so ``minipaged --help`` lists everything the package can show."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module name -> function(subparsers) that adds that module's subcommand(s)
+COMMANDS: list[tuple[str, str]] = [
+    ("minipaged.demo", "add_commands"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minipaged",
+        description="Teaching implementation of paged KV-cache memory management (vLLM style).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module, func in COMMANDS:
+        getattr(importlib.import_module(module), func)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
