@@ -1,0 +1,611 @@
+"""A vLLM-style block manager: block tables, copy-on-write, prefix caching and swapping.
+
+The KV cache of every sequence lives in fixed-size blocks of ``block_size`` token slots taken from
+one :class:`~minipaged.alloc.paged.PagedAllocator` (the GPU pool). A sequence's *block table* maps
+its logical block i (tokens ``i*block_size .. (i+1)*block_size - 1``) to a physical block id, so
+token position p lives in the physical slot ``table[p // block_size] * block_size +
+p % block_size``: :meth:`BlockManager.slot_mapping` is exactly what the reshape-and-cache kernel
+needs to write new keys and values, and the block table is what the attention kernel reads.
+
+Sharing. A block may sit in several tables at once; its ref count in the pool is the number of
+tables holding it. ``fork`` (parallel sampling, beam search) shares every block of the parent.
+Only the last block of a sequence is ever written, and only while it is partly filled, so sharing
+is safe until a sequence appends to a shared, partly filled last block: then that block is
+*copied on write* into a fresh block first, and the ``(src, dst)`` pair is returned for the
+copy-blocks kernel. A full block is never written again.
+
+Prefix caching (``enable_prefix_caching=True``). A full block whose tokens are all known gets a
+:class:`BlockKey`: its tokens, the key of the block before it, and a hash chained over the parent
+block's hash and its own tokens, so equal hashes mean "probably the same whole prefix". The cache
+maps hash -> block id. A new sequence walks its prompt block by block and reuses every block of its
+longest cached prefix. A hash hit is *confirmed* by comparing tokens and the parent chain, so a
+hash collision is a miss, never someone else's KV. Freed blocks keep their key and stay reusable
+("cached") until the pool hands them out again: the pool's free queue is in LRU order, so its head
+is the eviction victim, and evicting a block drops its cache entry. A sequence is freed from its
+last block to its first, so a prefix's tail is evicted before its head.
+
+Why a fully cached prompt still recomputes its last block: the model must run at least one token
+of the prompt to get the logits that pick the first output token. Reusing every cached block and
+recomputing only the last token would write that token's KV into a full block that others share
+(or may share later), which breaks the rule that full blocks are read-only. So at most
+``(len(prompt) - 1) // block_size`` blocks are reused and the rest of the prompt, at least one
+token, is computed into fresh blocks. A fully cached prompt whose length is a multiple of
+``block_size`` thus recomputes its whole last block: at most ``block_size - 1`` tokens more than
+strictly needed, a small price for never writing into a shared block.
+
+Watermark. A new sequence (``allocate``, ``swap_in``) must leave ``watermark_blocks`` free blocks
+behind; appends may use them. Running sequences can then keep decoding for a while after
+admission stops, instead of being preempted at once (as in vLLM).
+
+Swapping. ``swap_out`` moves a *group* of sequences to a second pool (the CPU pool) and returns
+the ``(gpu, cpu)`` block pairs for the swap kernel; ``swap_in`` moves a group back and returns
+``(cpu, gpu)`` pairs. A block shared inside the group moves once and stays shared. A group must be
+closed under sharing: if one of its blocks is also held by a sequence outside the group, the
+swap raises ``InvalidState`` (the block cannot be in both pools at once). Copy the returned pairs
+before the next call to the manager: the source blocks are free from then on. The prefix cache
+covers the GPU pool only; blocks swapped back in are registered again.
+
+Every operation checks all its preconditions first and is all-or-nothing: when blocks run out it
+raises ``OutOfMemory`` (or ``can_*`` returns False) and nothing changes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from minipaged.alloc.paged import PagedAllocator
+from minipaged.errors import (
+    DuplicateSequence,
+    InvalidRequest,
+    InvalidState,
+    OutOfMemory,
+    UnknownSequence,
+)
+
+# ----- sizing --------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequest(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The shape of a model's KV cache: what one token costs in bytes."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "dtype_bytes"):
+            _check_int(name, getattr(self, name), 1)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """One key and one value vector per layer and KV head: 2 x layers x heads x dim x dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def bytes_per_block(self, block_size: int) -> int:
+        """The bytes of one block of ``block_size`` token slots: the unit the pool is cut into."""
+        return self.bytes_per_token * _check_int("block_size", block_size, 1)
+
+
+def num_blocks_for(
+    memory_bytes: int, spec: KVCacheSpec, block_size: int, utilization: float = 0.9
+) -> int:
+    """How many whole blocks fit in ``utilization`` of ``memory_bytes`` (rounded down): the rest
+    is kept back for activations and the allocator's own slack, as vLLM's
+    ``gpu_memory_utilization`` does."""
+    _check_int("memory_bytes", memory_bytes, 0)
+    if isinstance(utilization, bool) or not isinstance(utilization, int | float):
+        raise InvalidRequest(f"utilization must be a number in (0, 1], got {utilization!r}")
+    if not 0 < utilization <= 1:
+        raise InvalidRequest(f"utilization must be in (0, 1], got {utilization!r}")
+    return math.floor(memory_bytes * utilization) // spec.bytes_per_block(block_size)
+
+
+def gpu_num_blocks(spec: KVCacheSpec, block_size: int, utilization: float = 0.9) -> int:
+    """Size the GPU pool from the device's free memory right now (numba's memory info).
+
+    Raises ``InvalidState`` when there is no usable CUDA device, and under numba's CUDA simulator,
+    which reports unlimited memory: size the pool with :func:`num_blocks_for` there instead."""
+    spec.bytes_per_block(block_size)  # validate before touching the device
+    try:
+        from numba import cuda  # imported here: sizing from a number needs no CUDA at all
+
+        free, _total = cuda.current_context().get_memory_info()
+    except Exception as e:  # CudaSupportError (no driver), CudaDriverError, ImportError, ...
+        raise InvalidState(f"cannot read free GPU memory: {e}") from e
+    if not math.isfinite(free):
+        raise InvalidState(
+            f"the device reports {free} bytes of free memory (numba's CUDA simulator does): "
+            "size the pool with num_blocks_for(memory_bytes, ...) instead"
+        )
+    return num_blocks_for(int(free), spec, block_size, utilization)
+
+
+# ----- prefix-cache keys ---------------------------------------------------------------------
+
+
+def default_block_hash(parent_hash: Hashable | None, tokens: tuple[int, ...]) -> int:
+    """Python's hash of (parent hash, tokens): deterministic for ints and tuples of ints."""
+    return hash((parent_hash, tokens))
+
+
+@dataclass(frozen=True, eq=False)
+class BlockKey:
+    """What a full block holds: its tokens after the prefix ``parent`` (None for block 0).
+
+    The keys of a sequence form a chain, so a key stands for the whole prefix up to and including
+    its block while storing only ``block_size`` tokens; chains of sequences with a common prefix
+    share their first keys. ``hash`` is ``hash_fn(parent.hash, tokens)``."""
+
+    hash: Hashable
+    tokens: tuple[int, ...]
+    parent: BlockKey | None
+
+
+def same_prefix(a: BlockKey | None, b: BlockKey | None) -> bool:
+    """True when two key chains hold the same tokens block by block. Stops as soon as the chains
+    meet (the usual case: one step), so confirming a hit is cheap."""
+    while a is not b:
+        if a is None or b is None or a.tokens != b.tokens:
+            return False
+        a, b = a.parent, b.parent
+    return True
+
+
+# ----- the manager ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockManagerStats:
+    """A snapshot in blocks and token slots. On the GPU, ``free_blocks + used_blocks +
+    cached_blocks == num_blocks``: *cached* blocks are free (ref count 0) but still hold KV that
+    the prefix cache can hand out again; *free* blocks hold nothing of use. ``tokens_stored`` and
+    ``slots_wasted`` count each used GPU block once, however many sequences share it; the wasted
+    slots are the empty tails of partly filled last blocks (internal fragmentation)."""
+
+    num_blocks: int
+    free_blocks: int
+    used_blocks: int
+    cached_blocks: int
+    num_cpu_blocks: int
+    cpu_used_blocks: int
+    num_sequences: int
+    num_swapped: int
+    tokens_stored: int
+    slots_wasted: int
+    prefix_hits: int
+    prefix_misses: int
+    evictions: int
+
+
+HashFn = Callable[[Hashable | None, tuple[int, ...]], Hashable]
+
+
+class BlockManager:
+    """Block tables over a GPU pool (and a CPU pool for swapping).
+
+    Invariants (checked by the property tests after every step):
+    - a block's ref count equals the number of tables holding it; no table holds a free block;
+    - a running sequence's table has exactly ``ceil(num_tokens / block_size)`` GPU blocks, a
+      swapped one as many CPU blocks;
+    - a GPU block has a key only while it is full with known tokens, and a free block has one
+      only while the cache maps the key's hash to it (a cached block).
+
+    ``hash_fn(parent_hash, tokens)`` replaces the block hash, e.g. to force collisions in tests.
+    """
+
+    def __init__(
+        self,
+        num_gpu_blocks: int,
+        block_size: int,
+        num_cpu_blocks: int = 0,
+        watermark: float = 0.01,
+        enable_prefix_caching: bool = False,
+        *,
+        hash_fn: HashFn | None = None,
+    ) -> None:
+        if isinstance(watermark, bool) or not isinstance(watermark, int | float):
+            raise InvalidRequest(f"watermark must be a number in [0, 1), got {watermark!r}")
+        if not 0 <= watermark < 1:
+            raise InvalidRequest(f"watermark must be in [0, 1), got {watermark!r}")
+        self.gpu = PagedAllocator(num_gpu_blocks, block_size)
+        self.cpu = PagedAllocator(num_cpu_blocks, block_size)
+        self.block_size = block_size
+        self.watermark = watermark
+        self.watermark_blocks = int(watermark * num_gpu_blocks)
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.hash_fn: HashFn = hash_fn or default_block_hash
+        self._tables: dict[Hashable, list[int]] = {}
+        self._tokens: dict[Hashable, list[int | None]] = {}  # None: a token the caller didn't give
+        self._swapped: set[Hashable] = set()
+        self._keys: dict[int, BlockKey] = {}  # GPU block -> key
+        self._cache: dict[Hashable, int] = {}  # hash -> GPU block
+        self.prefix_hits = 0  # blocks reused from the cache
+        self.prefix_misses = 0  # reusable prompt blocks (see _match) that were not found
+        self.evictions = 0  # cached blocks handed out for new content
+
+    # ----- queries -------------------------------------------------------------------------
+
+    def _table(self, seq_id: Hashable) -> list[int]:
+        table = self._table_or_none(seq_id)
+        if table is None:
+            raise UnknownSequence(f"unknown sequence {seq_id!r}")
+        return table
+
+    def _table_or_none(self, seq_id: Hashable) -> list[int] | None:
+        try:
+            return self._tables.get(seq_id)
+        except TypeError:  # unhashable
+            return None
+
+    def _running(self, seq_id: Hashable, action: str) -> list[int]:
+        table = self._table(seq_id)
+        if seq_id in self._swapped:
+            raise InvalidState(f"cannot {action} sequence {seq_id!r}: it is swapped out to CPU")
+        return table
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        """A copy of the sequence's block table: GPU block ids, or CPU ones while swapped out."""
+        return list(self._table(seq_id))
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        """Tokens the sequence holds (prompt and appended), whose KV its blocks store."""
+        self._table(seq_id)
+        return len(self._tokens[seq_id])
+
+    def is_swapped(self, seq_id: Hashable) -> bool:
+        """Whether the sequence's blocks are in the CPU pool (it cannot run until swapped in)."""
+        self._table(seq_id)
+        return seq_id in self._swapped
+
+    def slot_mapping(self, seq_id: Hashable, positions: Sequence[int] | None = None) -> np.ndarray:
+        """Physical GPU slots (``block_id * block_size + offset``, int64) of the given token
+        positions, all of them by default: where the reshape-and-cache kernel writes them."""
+        table = self._running(seq_id, "map the slots of")
+        n = len(self._tokens[seq_id])
+        if positions is None:
+            pos = np.arange(n, dtype=np.int64)
+        else:
+            pos = np.asarray(positions)
+            if pos.ndim != 1 or (pos.size and pos.dtype.kind not in "iu"):
+                raise InvalidRequest(f"positions must be a 1-d sequence of ints, got {positions!r}")
+            pos = pos.astype(np.int64)
+            bad = pos[(pos < 0) | (pos >= n)]
+            if bad.size:
+                raise InvalidRequest(
+                    f"position {int(bad[0])} is outside sequence {seq_id!r} of {n} tokens"
+                )
+        blocks = np.asarray(table, dtype=np.int64)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def stats(self) -> BlockManagerStats:
+        """Where the blocks are now; see :class:`BlockManagerStats` for what each count means."""
+        fill: dict[int, int] = {}  # used GPU block -> tokens in it (same for every holder)
+        for seq_id, table in self._tables.items():
+            if seq_id not in self._swapped:
+                n = len(self._tokens[seq_id])
+                for i, b in enumerate(table):
+                    fill[b] = min(self.block_size, n - i * self.block_size)
+        cached = sum(1 for b in self._cache.values() if self.gpu.is_free(b))
+        used = self.gpu.num_blocks - self.gpu.num_free_blocks
+        return BlockManagerStats(
+            num_blocks=self.gpu.num_blocks,
+            free_blocks=self.gpu.num_free_blocks - cached,
+            used_blocks=used,
+            cached_blocks=cached,
+            num_cpu_blocks=self.cpu.num_blocks,
+            cpu_used_blocks=self.cpu.num_blocks - self.cpu.num_free_blocks,
+            num_sequences=len(self._tables),
+            num_swapped=len(self._swapped),
+            tokens_stored=sum(fill.values()),
+            slots_wasted=used * self.block_size - sum(fill.values()),
+            prefix_hits=self.prefix_hits,
+            prefix_misses=self.prefix_misses,
+            evictions=self.evictions,
+        )
+
+    # ----- GPU blocks and the prefix cache -------------------------------------------------
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _new_gpu_block(self) -> int:
+        """The head of the free queue; if it still held cached KV, that entry is evicted."""
+        b = self.gpu.allocate_block()
+        key = self._keys.pop(b, None)
+        if key is not None:  # a free block with a key is a cached one
+            del self._cache[key.hash]
+            self.evictions += 1
+        return b
+
+    def _release_gpu(self, b: int) -> None:
+        """Drop one holder. A block that becomes free stays cached only if the cache maps its
+        hash to it; any other key could never be found again, so it is dropped."""
+        if self.gpu.decref(b) == 0:
+            key = self._keys.get(b)
+            if key is not None and self._cache.get(key.hash) != b:
+                del self._keys[b]
+
+    def _hash(self, parent: BlockKey | None, tokens: tuple[int, ...]) -> Hashable:
+        """The chained hash of a block with these tokens after the prefix ``parent``."""
+        return self.hash_fn(None if parent is None else parent.hash, tokens)
+
+    def _match(self, tokens: Sequence[int]) -> list[int]:
+        """The cached blocks of the longest cached prefix of ``tokens``, at most
+        ``(len(tokens) - 1) // block_size`` of them (see the module docstring). Changes nothing."""
+        hits: list[int] = []
+        if not self.enable_prefix_caching:
+            return hits
+        bs, parent = self.block_size, None
+        for i in range((len(tokens) - 1) // bs):
+            want = tuple(tokens[i * bs : (i + 1) * bs])
+            h = self._hash(parent, want)
+            b = self._cache.get(h)
+            if b is None:
+                break
+            key = self._keys[b]
+            if key.tokens != want or not same_prefix(key.parent, parent):
+                break  # a hash collision: a miss, not someone else's KV
+            hits.append(b)
+            parent = key
+        return hits
+
+    def _register(self, seq_id: Hashable, start: int) -> None:
+        """Give keys to the sequence's full blocks from logical block ``start`` on, and enter
+        them into the cache unless their hash is taken (by an equal block or a collision). Stops
+        at the first block with an unknown token: no later block can have a key then."""
+        if not self.enable_prefix_caching:
+            return
+        table, tokens, bs = self._tables[seq_id], self._tokens[seq_id], self.block_size
+        parent = self._keys.get(table[start - 1]) if start > 0 else None
+        if start > 0 and parent is None:
+            return
+        for i in range(start, len(tokens) // bs):
+            key = self._keys.get(table[i])
+            if key is None:
+                toks = tokens[i * bs : (i + 1) * bs]
+                if None in toks:
+                    return
+                toks = tuple(toks)
+                key = BlockKey(self._hash(parent, toks), toks, parent)
+                self._keys[table[i]] = key
+                self._cache.setdefault(key.hash, table[i])
+            parent = key
+
+    def _out_of_gpu(self, need: int, keep: int) -> OutOfMemory:
+        free = max(0, self.gpu.num_free_blocks - keep)
+        err = OutOfMemory(need, free, free, what="GPU blocks")
+        if keep:
+            err.args = (f"{err.args[0]} (after keeping {keep} back as the watermark)",)
+        return err
+
+    # ----- sequences -----------------------------------------------------------------------
+
+    @staticmethod
+    def _check_tokens(tokens: object, what: str) -> list[int]:
+        if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence | np.ndarray):
+            raise InvalidRequest(f"{what} must be a sequence of token ids, got {tokens!r}")
+        out = []
+        for t in tokens:
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                out.append(operator.index(t))
+            except TypeError:
+                raise InvalidRequest(f"{what} must be ints, got {t!r} in {tokens!r}") from None
+        return out
+
+    def _check_new(self, seq_id: Hashable) -> None:
+        try:
+            exists = seq_id in self._tables
+        except TypeError:
+            raise InvalidRequest(f"a sequence id must be hashable, got {seq_id!r}") from None
+        if exists:
+            raise DuplicateSequence(f"sequence {seq_id!r} already exists")
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether a new sequence of ``num_tokens`` tokens fits now, leaving the watermark free.
+        Conservative: prefix-cache hits can only lower the need, so True means ``allocate``
+        succeeds."""
+        _check_int("num_tokens", num_tokens, 1)
+        need = self._blocks_for(num_tokens)
+        return self.gpu.num_free_blocks - need >= self.watermark_blocks
+
+    def allocate(self, seq_id: Hashable, tokens: Sequence[int]) -> int:
+        """Create a sequence holding the prompt ``tokens``; returns how many leading tokens are
+        already cached (a multiple of ``block_size``, less than ``len(tokens)``; 0 without prefix
+        caching): the model computes KV only for the rest.
+
+        ``InvalidRequest`` if the prompt could never fit next to the watermark, ``OutOfMemory``
+        if it does not fit now."""
+        toks = self._check_tokens(tokens, "tokens")
+        if not toks:
+            raise InvalidRequest("a sequence needs at least one token, got none")
+        self._check_new(seq_id)
+        num_blocks = self._blocks_for(len(toks))
+        if num_blocks + self.watermark_blocks > self.gpu.num_blocks:
+            raise InvalidRequest(
+                f"a prompt of {len(toks)} tokens needs {num_blocks} blocks, which can never fit "
+                f"in {self.gpu.num_blocks} blocks with a watermark of {self.watermark_blocks}"
+            )
+        hits = self._match(toks)
+        need = num_blocks - len(hits) + sum(1 for b in hits if self.gpu.is_free(b))
+        if self.gpu.num_free_blocks - need < self.watermark_blocks:
+            raise self._out_of_gpu(need, self.watermark_blocks)
+        for b in hits:  # revive or share the hits first, so that eviction cannot pick them
+            if self.gpu.is_free(b):
+                self.gpu.take(b)
+            else:
+                self.gpu.incref(b)
+        table = hits + [self._new_gpu_block() for _ in range(num_blocks - len(hits))]
+        self._tables[seq_id] = table
+        self._tokens[seq_id] = list(toks)
+        self._register(seq_id, len(hits))
+        if self.enable_prefix_caching:
+            self.prefix_hits += len(hits)
+            self.prefix_misses += (len(toks) - 1) // self.block_size - len(hits)
+        return len(hits) * self.block_size
+
+    def _append_need(self, seq_id: Hashable, n: int) -> tuple[int, bool]:
+        """(free blocks needed, whether the last block must be copied first) to append n."""
+        table, length = self._tables[seq_id], len(self._tokens[seq_id])
+        cow = length % self.block_size != 0 and self.gpu.refcount(table[-1]) > 1
+        return self._blocks_for(length + n) - len(table) + cow, cow
+
+    def can_append(self, seq_id: Hashable, n: int = 1) -> bool:
+        """Whether ``n`` more tokens fit now; appends may use the watermark's blocks."""
+        self._running(seq_id, "append to")
+        _check_int("n", n, 1)
+        return self._append_need(seq_id, n)[0] <= self.gpu.num_free_blocks
+
+    def append_slots(
+        self, seq_id: Hashable, n: int = 1, tokens: Sequence[int] | None = None
+    ) -> list[tuple[int, int]]:
+        """Make room for ``n`` new tokens (a decode step); their slots are the last ``n`` of
+        ``slot_mapping``. ``tokens`` are their ids if known (needed to cache the blocks they
+        fill). Returns the ``(src, dst)`` block copies that copy-on-write needs (at most one),
+        to be done before the new KV is written."""
+        table = self._running(seq_id, "append to")
+        _check_int("n", n, 1)
+        new: list[int | None] = [None] * n
+        if tokens is not None:
+            new = list(self._check_tokens(tokens, "tokens"))
+            if len(new) != n:
+                raise InvalidRequest(f"got {len(new)} tokens for n={n} new slots")
+        need, cow = self._append_need(seq_id, n)
+        if need > self.gpu.num_free_blocks:
+            raise self._out_of_gpu(need, 0)
+        pairs: list[tuple[int, int]] = []
+        if cow:
+            src, dst = table[-1], self._new_gpu_block()
+            self._release_gpu(src)
+            table[-1] = dst
+            pairs.append((src, dst))
+        table.extend(self._new_gpu_block() for _ in range(need - cow))
+        old_length = len(self._tokens[seq_id])
+        self._tokens[seq_id].extend(new)
+        self._register(seq_id, old_length // self.block_size)
+        return pairs
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """The child shares every block of the parent (and its tokens); needs no free block."""
+        table = self._running(parent_id, "fork")
+        self._check_new(child_id)
+        for b in table:
+            self.gpu.incref(b)
+        self._tables[child_id] = list(table)
+        self._tokens[child_id] = list(self._tokens[parent_id])
+
+    def free(self, seq_id: Hashable) -> None:
+        """Forget a sequence and drop its hold on its blocks, last block first (so that the tail
+        of a cached prefix is evicted before its head). Freeing it again: ``UnknownSequence``."""
+        table = self._table(seq_id)
+        if seq_id in self._swapped:
+            for b in table:
+                self.cpu.decref(b)
+            self._swapped.discard(seq_id)
+        else:
+            for b in reversed(table):
+                self._release_gpu(b)
+        del self._tables[seq_id], self._tokens[seq_id]
+
+    # ----- swapping ------------------------------------------------------------------------
+
+    def _group(
+        self, seq_ids: Hashable | Sequence[Hashable], swapped: bool
+    ) -> tuple[list[Hashable], Counter[int]]:
+        """Validate a swap group: one id, or a list or tuple of ids (a tuple that is itself a
+        known sequence id is that one sequence). Returns the ids and the group's distinct blocks
+        in first-seen order, each with the number of the group's tables holding it."""
+        ids = [seq_ids]
+        if isinstance(seq_ids, list) or (
+            isinstance(seq_ids, tuple) and self._table_or_none(seq_ids) is None
+        ):
+            ids = list(seq_ids)
+        if not ids:
+            raise InvalidRequest("a swap group needs at least one sequence id, got none")
+        for seq_id in ids:
+            self._table(seq_id)
+            if (seq_id in self._swapped) != swapped:
+                where = "not swapped out" if swapped else "already swapped out"
+                raise InvalidState(f"sequence {seq_id!r} is {where}")
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest(f"a swap group needs distinct sequence ids, got {seq_ids!r}")
+        pool = self.cpu if swapped else self.gpu
+        holders: Counter[int] = Counter()
+        for seq_id in ids:
+            holders.update(self._tables[seq_id])
+        for seq_id in ids:
+            for b in self._tables[seq_id]:
+                if pool.refcount(b) != holders[b]:
+                    raise InvalidState(
+                        f"block {b} of sequence {seq_id!r} is shared with a sequence outside "
+                        f"the group {ids!r}: swap the sequences that share it together"
+                    )
+        return ids, holders
+
+    def _move(
+        self,
+        ids: list[Hashable],
+        holders: Counter[int],
+        new_block: Callable[[], int],
+        incref: Callable[[int], int],
+    ) -> list[tuple[int, int]]:
+        """Give each distinct block of the group a new block in the other pool with as many
+        holders, and rewrite the group's tables. The caller releases the old blocks."""
+        moved: dict[int, int] = {}
+        for b, count in holders.items():
+            moved[b] = new_block()
+            for _ in range(count - 1):
+                incref(moved[b])
+        for seq_id in ids:
+            self._tables[seq_id] = [moved[b] for b in self._tables[seq_id]]
+        return list(moved.items())
+
+    def can_swap_in(self, seq_ids: Hashable | Sequence[Hashable]) -> bool:
+        """Whether the swapped group fits back on the GPU, leaving the watermark free."""
+        _, holders = self._group(seq_ids, swapped=True)
+        return self.gpu.num_free_blocks - len(holders) >= self.watermark_blocks
+
+    def swap_out(self, seq_ids: Hashable | Sequence[Hashable]) -> list[tuple[int, int]]:
+        """Move a group of sequences to the CPU pool; returns the ``(gpu, cpu)`` block pairs to
+        copy, each shared block once. The GPU blocks are free afterwards; cached ones stay
+        cached, since their KV is still there until the block is handed out again."""
+        ids, holders = self._group(seq_ids, swapped=False)
+        if len(holders) > self.cpu.num_free_blocks:
+            free = self.cpu.num_free_blocks
+            raise OutOfMemory(len(holders), free, free, what="CPU blocks")
+        moved = self._move(ids, holders, self.cpu.allocate_block, self.cpu.incref)
+        for b in reversed(holders):  # tails first, as in free()
+            for _ in range(holders[b]):
+                self._release_gpu(b)
+        self._swapped.update(ids)
+        return moved
+
+    def swap_in(self, seq_ids: Hashable | Sequence[Hashable]) -> list[tuple[int, int]]:
+        """Move a swapped group back to the GPU; returns the ``(cpu, gpu)`` block pairs to copy.
+        Like ``allocate``, it must leave the watermark free."""
+        ids, holders = self._group(seq_ids, swapped=True)
+        if self.gpu.num_free_blocks - len(holders) < self.watermark_blocks:
+            raise self._out_of_gpu(len(holders), self.watermark_blocks)
+        moved = self._move(ids, holders, self._new_gpu_block, self.gpu.incref)
+        for b, count in holders.items():
+            for _ in range(count):
+                self.cpu.decref(b)
+        self._swapped.difference_update(ids)
+        for seq_id in ids:
+            self._register(seq_id, 0)
+        return moved
