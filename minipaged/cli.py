@@ -10,6 +10,7 @@ import sys
 # module name -> function(subparsers) that adds that module's subcommand(s)
 COMMANDS: list[tuple[str, str]] = [
     ("minipaged.demo", "add_commands"),
+    ("minipaged.sim.cli", "add_commands"),
 ]
 
 
