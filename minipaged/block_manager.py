@@ -609,3 +609,43 @@ class BlockManager:
         for seq_id in ids:
             self._register(seq_id, 0)
         return moved
+
+    # ----- compaction ----------------------------------------------------------------------
+
+    def compact(self) -> list[tuple[int, int]]:
+        """Move every GPU block in use into the lowest block ids, so that blocks
+        ``used_blocks..num_blocks - 1`` hold nothing in use and the pool could shrink (hand that
+        memory back). Returns the ``(src, dst)`` block pairs for the copy-blocks kernel; copy them
+        before the next call to the manager, since the sources are free from then on.
+
+        The used blocks at or above the boundary ``used = num_blocks - num_free_blocks`` are
+        paired, in increasing order, with the free blocks below it (there are exactly as many).
+        No block is both a source and a destination, so the kernel may run all pairs at once.
+        Each destination is taken with the source's ref count, every running table and the
+        block's prefix-cache key and cache entry are rewritten, and the source goes to the tail
+        of the free queue. A cached block below the boundary is in the way: it is evicted (its
+        KV would be overwritten). Cached blocks above it stay cached. CPU tables are untouched.
+        """
+        used = self.gpu.num_blocks - self.gpu.num_free_blocks
+        srcs = [b for b in range(used, self.gpu.num_blocks) if not self.gpu.is_free(b)]
+        dsts = [b for b in range(used) if self.gpu.is_free(b)]
+        moved = dict(zip(srcs, dsts, strict=True))
+        for src, dst in moved.items():
+            key = self._keys.pop(dst, None)
+            if key is not None:  # a cached block in the way
+                del self._cache[key.hash]
+                self.evictions += 1
+            self.gpu.take(dst)
+            for _ in range(self.gpu.refcount(src) - 1):
+                self.gpu.incref(dst)
+            key = self._keys.pop(src, None)
+            if key is not None:
+                self._keys[dst] = key
+                if self._cache.get(key.hash) == src:
+                    self._cache[key.hash] = dst
+            while self.gpu.decref(src):
+                pass
+        for seq_id, table in self._tables.items():
+            if seq_id not in self._swapped:
+                table[:] = [moved.get(b, b) for b in table]
+        return list(moved.items())

@@ -11,7 +11,8 @@ equal terms; they differ only in which requests fail, and why:
 
 The paged allocator cuts the same pages into blocks of --block-size pages; it rounds each request
 up to whole blocks, but never fails for fragmentation. Metrics and the memory map describe the
-arena at the end of the run.
+arena at the end of the run. With --compact the arena is then compacted (live allocations moved
+towards page 0, see minipaged.compaction) and shown before and after.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from minipaged.alloc.base import Allocation, Allocator
 from minipaged.alloc.buddy import BuddyAllocator
 from minipaged.alloc.fit import BestFitAllocator, FirstFitAllocator
 from minipaged.alloc.paged import PagedAllocator
+from minipaged.compaction import Move, compact
 from minipaged.errors import InvalidRequest, OutOfMemory
 from minipaged.metrics import Report, report
 from minipaged.viz import buddy_free_lists, memory_map
@@ -222,7 +224,76 @@ def fragment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     print()
     print(_table(results) if args.all else _describe(results[0], args.width))
+    if args.compact:
+        print()
+        print(_compaction_table(results) if args.all else _compaction(results[0], args.width))
     return 0
+
+
+# --- --compact: the same arena before and after compaction ----------------------------------------
+
+
+def _compact(result: Result) -> tuple[Report, list[Move]]:
+    """Compact the allocator of ``result`` in place; returns its report from before and the
+    moves. The paged allocator has nothing to compact: ([] moves)."""
+    before = result.report
+    if result.name == "paged":
+        return before, []
+    return before, compact(result.allocator)
+
+
+def _compaction(result: Result, width: int) -> str:
+    if result.name == "paged":
+        return (
+            "compaction: nothing to do for the paged allocator: any free blocks serve any "
+            "request, so it never fails for fragmentation"
+        )
+    before_map = memory_map(result.allocator, width).splitlines()[0]
+    before_lists = buddy_free_lists(result.allocator, indices=True)
+    r0, moves = _compact(result)
+    r1 = result.report
+    lines = [
+        f"compaction: {len(moves)} moves, {sum(m.length for m in moves)} pages copied "
+        f"(live allocations packed towards page 0)",
+        "",
+        f"before {before_map}",
+        f"after  {memory_map(result.allocator, width).splitlines()[0]}",
+        "",
+        "before",
+        before_lists,
+        "after",
+        buddy_free_lists(result.allocator, indices=True),
+        "",
+        f"external fragmentation  {r0.external_fragmentation:.3f} -> "
+        f"{r1.external_fragmentation:.3f}",
+        f"free extents            {r0.free_extents} -> {r1.free_extents}",
+        f"largest request that fits {r0.largest_free} -> {r1.largest_free}",
+    ]
+    return "\n".join(lines)
+
+
+def _compaction_table(results: list[Result]) -> str:
+    rows = [["allocator", "moves", "copied", "extents", "largest", "external"]]
+    for res in results:
+        r0, moves = _compact(res)
+        r1 = res.report
+        rows.append(
+            [
+                res.name,
+                str(len(moves)),
+                str(sum(m.length for m in moves)),
+                f"{r0.free_extents}->{r1.free_extents}",
+                f"{r0.largest_free}->{r1.largest_free}",
+                f"{r0.external_fragmentation:.3f}->{r1.external_fragmentation:.3f}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    body = "\n".join(
+        row[0].ljust(widths[0])
+        + "".join(v.rjust(w + 2) for v, w in zip(row[1:], widths[1:], strict=True))
+        for row in rows
+    )
+    return "after compaction (before->after)\n" + body
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -269,5 +340,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--width", type=_int_at_least(1), default=64, help="cells in the memory map (default 64)"
+    )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="then compact the arena and show it before and after (maps, indices, extents)",
     )
     p.set_defaults(func=lambda args: fragment(args, p))

@@ -608,6 +608,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
         exc, fn, *args = data.draw(st.sampled_from(calls))
         raises_unchanged(bm, exc, fn, *args)
 
+    @rule()
+    def compact(self):
+        """Used blocks move below the boundary; the pairs are copied as the kernel would."""
+        bm = self.bm
+        used = bm.gpu.num_blocks - bm.gpu.num_free_blocks
+        pairs = bm.compact()
+        event(f"compact moved {min(len(pairs), 3)}+ blocks")
+        assert all(src >= used > dst for src, dst in pairs)
+        assert len({d for _, d in pairs}) == len(pairs) == len({s for s, _ in pairs})
+        for src, dst in pairs:  # no block is both: any order gives the same result
+            self.gpu_kv[dst] = self.gpu_kv[src]
+        assert all(bm.gpu.is_free(b) for b in range(used, bm.gpu.num_blocks))
+
     # ----- invariants ----------------------------------------------------------------------
 
     @invariant()

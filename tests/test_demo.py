@@ -195,3 +195,21 @@ def test_bad_arguments_exit_2_with_a_clear_message(capsys, args, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert needle in err, err
+
+
+def test_compact_shows_before_and_after(capsys):
+    out = fragment(capsys, "--allocator", "first-fit", "--steps", "500", "--compact")
+    assert "compaction: " in out and "before |" in out and "after  |" in out
+    after_map = next(line for line in out.splitlines() if line.startswith("after  |"))
+    cells = after_map.split("|")[1]
+    assert "." not in cells.rstrip(".")  # first fit compacts into one free extent at the top
+    assert "free extents" in out and "extfrag" in out.split("compaction: ")[1]
+
+
+def test_compact_with_all_and_paged(capsys):
+    out = fragment(capsys, "--all", "--steps", "500", "--compact")
+    assert "after compaction (before->after)" in out
+    rows = out.split("after compaction (before->after)")[1].split()
+    assert rows[:6] == ["allocator", "moves", "copied", "extents", "largest", "external"]
+    out = fragment(capsys, "--allocator", "paged", "--steps", "100", "--compact")
+    assert "nothing to do for the paged allocator" in out

@@ -134,6 +134,10 @@ class BuddyAllocator(Allocator):
             raise InvalidHandle(f"allocation {a!r} did not come from this allocator")
         offset, order = self._live.pop(a)
         self._freed.add(a)
+        self._merge_free(offset, order)
+
+    def _merge_free(self, offset: int, order: int) -> None:
+        """Put the block ``(offset, order)`` on the free lists, merged with its buddies."""
         while order < self.max_order:
             buddy = offset ^ (1 << order)
             if not self._is_free(buddy, order):
@@ -142,6 +146,54 @@ class BuddyAllocator(Allocator):
             offset &= ~(1 << order)
             order += 1
         insort(self._free[order], offset)
+
+    # -- relocation (compaction) ---------------------------------------------------------------
+
+    def relocate(self, a: Allocation, offset: int) -> None:
+        """Move the live allocation ``a`` to the free, aligned block of its own order at
+        ``offset``; ``a`` keeps its identity and reports the new offset (the caller copies the
+        data). Moving it to where it already is changes nothing.
+
+        The target must be aligned to ``a.size``, lie inside the arena and be wholly free, so it
+        lies inside one free block of order >= a's order (the free lists are fully coalesced).
+        That block is split down towards the target, the upper or lower half not containing it
+        going back one order down each time (as ``_take`` does, but steered), and the old block
+        is freed with merging. Raises ``InvalidHandle``/``DoubleFree`` for a bad handle and
+        ``InvalidRequest`` for a bad target, changing nothing."""
+        if not isinstance(a, Allocation) or a not in self._live:
+            if isinstance(a, Allocation) and a in self._freed:
+                raise DoubleFree(f"allocation {a.id} at page {a.offset} was already freed")
+            raise InvalidHandle(f"allocation {a!r} did not come from this allocator")
+        old, order = self._live[a]
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise InvalidRequest(f"offset must be an int, got {offset!r}")
+        if offset == old:
+            return
+        size = 1 << order
+        if offset < 0 or offset + size > self.total or offset % size:
+            raise InvalidRequest(
+                f"offset {offset} is not an aligned order-{order} block inside the arena of "
+                f"{self.total} pages"
+            )
+        home = next(
+            ((o, k) for o, k in self.free_blocks() if k >= order and o <= offset < o + (1 << k)),
+            None,
+        )
+        if home is None:
+            raise InvalidRequest(f"pages {offset}..{offset + size - 1} are not all free")
+        o, k = home
+        self._remove(o, k)
+        while k > order:
+            k -= 1
+            half = 1 << k
+            if offset >= o + half:  # the target is in the upper half: free the lower one
+                insort(self._free[k], o)
+                o += half
+            else:
+                insort(self._free[k], o + half)
+        self._live[a] = (offset, order)
+        a.offset = offset
+        self._merge_free(old, order)
 
     def _is_free(self, offset: int, order: int) -> bool:
         blocks = self._free[order]

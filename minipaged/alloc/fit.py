@@ -29,7 +29,7 @@ import bisect
 import weakref
 from abc import abstractmethod
 
-from minipaged.alloc.base import Allocation, Allocator, check_request
+from minipaged.alloc.base import Allocation, Allocator, check_request, merge_runs
 from minipaged.errors import DoubleFree, InvalidHandle, InvalidRequest, OutOfMemory
 
 
@@ -102,6 +102,37 @@ class FitAllocator(Allocator):
         self._free[lo:hi] = [(start, end - start)]
         del self._live[a]
         self._freed.add(a)
+
+    def relocate(self, a: Allocation, offset: int) -> None:
+        """Move the live allocation ``a`` so that it starts at ``offset``; ``a`` keeps its
+        identity and reports the new offset (the caller copies the data, as a memmove: the new
+        place may overlap the old one). Every unit of the new place must be free or ``a``'s own.
+
+        Works on the free list with ``a``'s units counted as free: merge them in, carve the new
+        place out of the extent that holds it. Raises ``InvalidHandle``/``DoubleFree`` for a bad
+        handle and ``InvalidRequest`` for a bad offset, changing nothing."""
+        if not isinstance(a, Allocation) or a not in self._live:
+            if isinstance(a, Allocation) and a in self._freed:
+                raise DoubleFree(f"allocation {a.id} at offset {a.offset} is already free")
+            raise InvalidHandle(f"{a!r} was not allocated by this allocator")
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise InvalidRequest(f"offset must be an int, got {offset!r}")
+        if offset < 0 or offset + a.size > self.total:
+            raise InvalidRequest(
+                f"offset {offset} puts {a.size} units outside the arena of {self.total}"
+            )
+        runs = merge_runs([*self._free, (a.offset, a.size)])
+        i = next((i for i, (o, n) in enumerate(runs) if o <= offset < o + n), None)
+        if i is None or offset + a.size > sum(runs[i]):
+            raise InvalidRequest(
+                f"units {offset}..{offset + a.size - 1} are not all free (allocation {a.id} "
+                f"has {a.size} units at offset {a.offset})"
+            )
+        start, end = runs[i][0], sum(runs[i])
+        pieces = [(start, offset - start), (offset + a.size, end - offset - a.size)]
+        runs[i : i + 1] = [(o, n) for o, n in pieces if n > 0]
+        self._free = runs
+        a.offset = offset
 
     def free_extents(self) -> list[tuple[int, int]]:
         return list(self._free)
