@@ -11,6 +11,7 @@ import sys
 COMMANDS: list[tuple[str, str]] = [
     ("minipaged.demo", "add_commands"),
     ("minipaged.sim.cli", "add_commands"),
+    ("minipaged.lessons", "add_commands"),
 ]
 
 

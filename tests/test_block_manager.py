@@ -28,6 +28,11 @@ from minipaged.errors import (
     OutOfMemory,
     UnknownSequence,
 )
+from minipaged.lessons import under_test
+
+# The code under test: the library's, or a student's file under `minipaged lesson check`.
+BlockManager = under_test("BlockManager", BlockManager)
+same_prefix = under_test("same_prefix", same_prefix)
 
 
 def snapshot(bm: BlockManager):

@@ -13,6 +13,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from minipaged.alloc.base import Allocation, merge_runs
 from minipaged.alloc.buddy import BuddyAllocator
 from minipaged.errors import DoubleFree, InvalidHandle, InvalidRequest, MinipagedError, OutOfMemory
+from minipaged.lessons import under_test
+
+# The code under test: the library's, or a student's file under `minipaged lesson check`.
+BuddyAllocator = under_test("BuddyAllocator", BuddyAllocator)
 
 
 def snapshot(b: BuddyAllocator) -> tuple:

@@ -27,6 +27,13 @@ from minipaged.compaction import (
     plan_compaction,
 )
 from minipaged.errors import DoubleFree, InvalidHandle, InvalidRequest, OutOfMemory
+from minipaged.lessons import under_test
+
+# The code under test: the library's, or a student's file under `minipaged lesson check 09`.
+diagnose = under_test("diagnose", diagnose)
+apply_moves = under_test("apply_moves", apply_moves)
+plan_compaction = under_test("plan_compaction", plan_compaction)
+compact = under_test("compact", compact)
 
 
 def snapshot(alloc) -> tuple:

@@ -19,6 +19,7 @@ from minipaged.alloc.buddy import BuddyAllocator
 from minipaged.alloc.fit import BestFitAllocator, FirstFitAllocator
 from minipaged.alloc.paged import PagedAllocator
 from minipaged.errors import InvalidRequest, OutOfMemory
+from minipaged.lessons import under_test
 from minipaged.metrics import (
     external_fragmentation,
     fragmentation_index,
@@ -32,6 +33,13 @@ from minipaged.metrics import (
     would_compact,
 )
 from minipaged.viz import LEGEND, buddy_free_lists, memory_map, plot_memory_map, unit_states
+
+# The code under test: the library's, or a student's file under `minipaged lesson check`.
+internal_fragmentation = under_test("internal_fragmentation", internal_fragmentation)
+external_fragmentation = under_test("external_fragmentation", external_fragmentation)
+fragmentation_index = under_test("fragmentation_index", fragmentation_index)
+unusable_index = under_test("unusable_index", unusable_index)
+free_counts_from_extents = under_test("free_counts_from_extents", free_counts_from_extents)
 
 # --- internal / external fragmentation, utilisation: hand-checked --------------------------------
 

@@ -18,6 +18,10 @@ from minipaged.errors import (
     InvalidState,
     OutOfMemory,
 )
+from minipaged.lessons import under_test
+
+# The code under test: the library's, or a student's file under `minipaged lesson check`.
+PagedAllocator = under_test("PagedAllocator", PagedAllocator)
 
 
 def snapshot(p: PagedAllocator):

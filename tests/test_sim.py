@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from minipaged.cli import main
 from minipaged.errors import InvalidRequest, InvalidState, TraceFormatError, UnknownSequence
+from minipaged.lessons import under_test
 from minipaged.sim import report
 from minipaged.sim.engine import COLUMNS, PREEMPT_MODES, Engine, SimConfig, simulate, slots_for_gib
 from minipaged.sim.policies import (
@@ -43,6 +44,9 @@ from minipaged.sim.workload import (
     prompt_tokens,
     token_id,
 )
+
+# The code under test: the library's, or a student's file under `minipaged lesson check`.
+simulate = under_test("simulate", simulate)
 
 COL = {c: i for i, c in enumerate(COLUMNS)}
 
