@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 # module name -> function(subparsers) that adds that module's subcommand(s)
 COMMANDS: list[tuple[str, str]] = [
@@ -13,6 +14,25 @@ COMMANDS: list[tuple[str, str]] = [
     ("minipaged.sim.cli", "add_commands"),
     ("minipaged.lessons", "add_commands"),
 ]
+
+
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type shared by the subcommands: an int in ``[minimum, maximum]``, else a
+    message naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from minipaged.alloc.base import Allocation, Allocator
 from minipaged.alloc.buddy import BuddyAllocator
 from minipaged.alloc.fit import BestFitAllocator, FirstFitAllocator
 from minipaged.alloc.paged import PagedAllocator
+from minipaged.cli import int_at_least
 from minipaged.compaction import Move, compact
 from minipaged.errors import InvalidRequest, OutOfMemory
 from minipaged.metrics import Report, report
@@ -170,24 +170,6 @@ def _table(results: list[Result]) -> str:
     )
 
 
-def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an int in ``[minimum, maximum]``, else a message naming the value."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {minimum}"
-    return parse
-
-
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -309,20 +291,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="compare all four allocators in a table")
     p.add_argument(
         "--pages",
-        type=_int_at_least(1, MAX_PAGES),
+        type=int_at_least(1, MAX_PAGES),
         default=256,
         help=f"arena size, at most {MAX_PAGES} (default 256)",
     )
     p.add_argument(
         "--steps",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=2000,
         help="operations in the workload (default 2000)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--max-request",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=32,
         help="largest request in pages (default 32)",
     )
@@ -334,12 +316,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--block-size",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=4,
         help="pages per block of the paged allocator (default 4)",
     )
     p.add_argument(
-        "--width", type=_int_at_least(1), default=64, help="cells in the memory map (default 64)"
+        "--width", type=int_at_least(1), default=64, help="cells in the memory map (default 64)"
     )
     p.add_argument(
         "--compact",

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from minipaged.cli import int_at_least
 from minipaged.errors import InvalidRequest, MinipagedError
 from minipaged.sim.engine import (
     DEFAULT_KV_GIB,
@@ -69,19 +70,6 @@ trace files (--trace): CSV with a header, or JSON lines, with input_len and outp
 optionally arrival (step), prefix_id (equal ids share a system prompt) and prefix_len."""
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _number(minimum: float, inclusive: bool = True):
     def parse(text: str) -> float:
         try:
@@ -125,10 +113,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--trace", type=Path, help="CSV or JSONL trace file (replaces --workload)")
     w.add_argument(
         "--requests",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         help=f"number of requests (default {DEFAULT_REQUESTS}; a trace: all of its lines)",
     )
-    w.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
+    w.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     w.add_argument(
         "--rate",
         type=_number(0, inclusive=False),
@@ -136,17 +124,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="mean arrivals per step, Poisson (default inf: all at step 0; not for --trace)",
     )
     w.add_argument(
-        "--samples", type=_int_at_least(1), default=1, help="outputs per request (default 1)"
+        "--samples", type=int_at_least(1), default=1, help="outputs per request (default 1)"
     )
     w.add_argument(
         "--prefixes",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=4,
         help="system prompts of --workload prefix (default 4)",
     )
     w.add_argument(
         "--prefix-len",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=256,
         help="tokens per system prompt (default 256; for a trace, where a line has no prefix_len)",
     )
@@ -164,10 +152,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"KV memory in GiB at {KV_BYTES_PER_TOKEN // 1024} KiB/token (default 40)",
     )
     m.add_argument(
-        "--kv-slots", type=_int_at_least(1), help="KV budget in token slots (overrides --kv-gib)"
+        "--kv-slots", type=int_at_least(1), help="KV budget in token slots (overrides --kv-gib)"
     )
-    m.add_argument("--max-len", type=_int_at_least(2), default=2048, help="default 2048")
-    m.add_argument("--block-size", type=_int_at_least(1), default=16, help="default 16")
+    m.add_argument("--max-len", type=int_at_least(2), default=2048, help="default 2048")
+    m.add_argument("--block-size", type=int_at_least(1), default=16, help="default 16")
     m.add_argument(
         "--preempt", choices=PREEMPT_MODES, default="recompute", help="default recompute"
     )
@@ -181,7 +169,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="share of blocks kept free at admission (default 0.01)",
     )
     m.add_argument(
-        "--max-batch", type=_int_at_least(0), default=0, help="most running sequences (0: any)"
+        "--max-batch", type=int_at_least(0), default=0, help="most running sequences (0: any)"
     )
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print JSON instead of the table")
