@@ -46,7 +46,9 @@ before the next call to the manager: the source blocks are free from then on. Th
 covers the GPU pool only; blocks swapped back in are registered again.
 
 Every operation checks all its preconditions first and is all-or-nothing: when blocks run out it
-raises ``OutOfMemory`` (or ``can_*`` returns False) and nothing changes.
+raises ``OutOfMemory`` (or ``can_*`` returns False) and nothing changes. That holds for a whole
+decode step too: ``append_slots_batch`` appends one slot to each of many sequences, as a serving
+engine does once per step, and checks the whole step before it changes anything.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ from minipaged.errors import (
     OutOfMemory,
     UnknownSequence,
 )
+
+_PLAIN_INT = frozenset({int})
 
 # ----- sizing --------------------------------------------------------------------------------
 
@@ -396,6 +400,10 @@ class BlockManager:
 
     @staticmethod
     def _check_tokens(tokens: object, what: str) -> list[int]:
+        # The common case first, checked in C: a list or tuple of plain ints needs no converting
+        # (bools and numpy ints take the loop below, which rejects or converts them).
+        if isinstance(tokens, list | tuple) and set(map(type, tokens)) <= _PLAIN_INT:
+            return list(tokens)
         if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence | np.ndarray):
             raise InvalidRequest(f"{what} must be a sequence of token ids, got {tokens!r}")
         out = []
@@ -482,7 +490,7 @@ class BlockManager:
         _check_int("n", n, 1)
         new: list[int | None] = [None] * n
         if tokens is not None:
-            new = list(self._check_tokens(tokens, "tokens"))
+            new = self._check_tokens(tokens, "tokens")
             if len(new) != n:
                 raise InvalidRequest(f"got {len(new)} tokens for n={n} new slots")
         need, cow = self._append_need(seq_id, n)
@@ -494,11 +502,97 @@ class BlockManager:
             self._release_gpu(src)
             table[-1] = dst
             pairs.append((src, dst))
-        table.extend(self._new_gpu_block() for _ in range(need - cow))
-        old_length = len(self._tokens[seq_id])
-        self._tokens[seq_id].extend(new)
-        self._register(seq_id, old_length // self.block_size)
+        if need > cow:
+            table.extend(self._new_gpu_block() for _ in range(need - cow))
+        seq_tokens, bs = self._tokens[seq_id], self.block_size
+        old_length = len(seq_tokens)
+        seq_tokens.extend(new)
+        if len(seq_tokens) // bs > old_length // bs:  # only a block just filled can get a key
+            self._register(seq_id, old_length // bs)
         return pairs
+
+    def append_slots_batch(
+        self, seq_ids: Sequence[Hashable], tokens: Sequence[int] | None = None
+    ) -> list[tuple[int, int]]:
+        """One decode step: a slot for one new token in each sequence of ``seq_ids`` (a list or
+        tuple of distinct running sequences); ``tokens[i]``, if given, is the id of the new
+        token of ``seq_ids[i]``. Returns the step's copy-on-write ``(src, dst)`` pairs, in
+        order, to be copied before any new KV is written.
+
+        The blocks, tokens, pairs and cache afterwards are exactly those of
+        ``append_slots(seq, 1, [token])`` for each sequence in order, but the step is
+        all-or-nothing: every id, the tokens and the free blocks the whole step needs are
+        checked before anything changes (``UnknownSequence``, ``InvalidState`` for a swapped-out
+        sequence, ``InvalidRequest`` for a repeated id or bad tokens, ``OutOfMemory``), so a
+        refused step can be retried after preempting a sequence. An empty step does nothing.
+
+        Why it is fast: most appends write into a sequence's own, partly filled last block, so
+        they only add the token to the sequence's list. The loop below does just that and takes
+        the longer path (a new block, a copy, a prefix-cache key) only for the sequences that
+        need it, about one in ``block_size``; the checks run over the whole batch at once.
+        """
+        if not isinstance(seq_ids, list | tuple):
+            raise InvalidRequest(
+                f"seq_ids must be a list or tuple of sequence ids, got {seq_ids!r}"
+            )
+        try:
+            tables = [self._tables[s] for s in seq_ids]
+        except (KeyError, TypeError):
+            tables = [self._table(s) for s in seq_ids]  # raises, naming the first unknown id
+        swapped = self._swapped
+        if swapped and not swapped.isdisjoint(seq_ids):
+            seq_id = next(s for s in seq_ids if s in swapped)
+            raise InvalidState(f"cannot append to sequence {seq_id!r}: it is swapped out to CPU")
+        if len(set(seq_ids)) != len(seq_ids):
+            seq_id = next(s for s, count in Counter(seq_ids).items() if count > 1)
+            raise InvalidRequest(
+                f"a decode step appends to each sequence once, got {seq_id!r} twice"
+            )
+        if tokens is None:
+            new: list[int | None] = [None] * len(seq_ids)
+        else:
+            new = self._check_tokens(tokens, "tokens")
+            if len(new) != len(seq_ids):
+                raise InvalidRequest(f"got {len(new)} tokens for {len(seq_ids)} sequences")
+        # Each sequence needs at most one block (a new one when its last block is full, or a
+        # copy when its last block is shared and partly filled, never both), so counting
+        # exactly is needed only when fewer blocks than sequences are free.
+        if len(seq_ids) > self.gpu.num_free_blocks:
+            need = self._step_need(seq_ids, tables)
+            if need > self.gpu.num_free_blocks:
+                raise self._out_of_gpu(need, 0)
+
+        bs, refs, tokens_of = self.block_size, self.gpu.ref_counts, self._tokens
+        register = tokens is not None and self.enable_prefix_caching
+        pairs: list[tuple[int, int]] = []
+        for seq_id, table, token in zip(seq_ids, tables, new, strict=True):
+            seq_tokens = tokens_of[seq_id]
+            length = len(seq_tokens)
+            if length % bs == 0:  # the last block is full, so read-only: start a new one
+                table.append(self._new_gpu_block())
+            elif refs[table[-1]] > 1:  # partly filled but shared: copy it on write
+                src, dst = table[-1], self._new_gpu_block()
+                self._release_gpu(src)
+                table[-1] = dst
+                pairs.append((src, dst))
+            seq_tokens.append(token)
+            if register and (length + 1) % bs == 0:  # the token filled its block: give it a key
+                self._register(seq_id, length // bs)
+        return pairs
+
+    def _step_need(self, seq_ids: Sequence[Hashable], tables: list[list[int]]) -> int:
+        """The free blocks that ``append_slots_batch(seq_ids)`` takes: one per full last block,
+        plus the copies. Of ``k`` sequences in the step that share a partly filled last block
+        of ref count ``r``, each copies it while the count (one lower after every copy) is still
+        above 1: ``min(k, r - 1)`` copies, and the last holder may keep the block."""
+        bs, refs = self.block_size, self.gpu.ref_counts
+        need, holders = 0, Counter[int]()
+        for seq_id, table in zip(seq_ids, tables, strict=True):
+            if len(self._tokens[seq_id]) % bs == 0:
+                need += 1
+            elif refs[table[-1]] > 1:
+                holders[table[-1]] += 1
+        return need + sum(min(k, refs[b] - 1) for b, k in holders.items())
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """The child shares every block of the parent (and its tokens); needs no free block."""

@@ -199,6 +199,87 @@ def test_copy_on_write_needs_a_free_block():
     raises_unchanged(bm, OutOfMemory, bm.append_slots, "c", 1, [6])
 
 
+def sharing_manager(num_blocks: int = 16, **kwargs) -> BlockManager:
+    """p, c1 and c2 hold blocks [0, 1], block 1 half full (ref count 3); f holds the full block
+    2, u the block 3 with one slot left."""
+    bm = BlockManager(num_blocks, 4, watermark=0, **kwargs)
+    bm.allocate("p", [1, 2, 3, 4, 5, 6])
+    bm.fork("p", "c1")
+    bm.fork("p", "c2")
+    bm.allocate("f", [7, 8, 9, 10])
+    bm.allocate("u", [11, 12, 13])
+    return bm
+
+
+STEP = ["c1", "p", "f", "c2", "u"]
+
+
+def by_value(bm: BlockManager):
+    """``snapshot`` with every prefix-cache key as its hash, tokens and parent's hash, so that
+    two managers can be compared (keys themselves compare by identity)."""
+    keys = {b: (k.hash, k.tokens, k.parent and k.parent.hash) for b, k in bm._keys.items()}
+    return snapshot(bm)[:3] + (keys,) + snapshot(bm)[4:]
+
+
+def test_append_slots_batch_hand_checked():
+    bm = sharing_manager()
+    # c1 and p copy the shared block 1 (ref count 3, then 2); c2, its last holder, keeps it;
+    # f starts a new block; u fills its own block in place
+    assert bm.append_slots_batch(STEP, [20, 21, 22, 23, 24]) == [(1, 4), (1, 5)]
+    tables = {s: bm.block_table(s) for s in STEP}
+    assert tables == {"c1": [0, 4], "p": [0, 5], "f": [2, 6], "c2": [0, 1], "u": [3]}
+    assert bm.gpu.refcount(0) == 3 and bm.gpu.refcount(1) == 1
+    assert [bm.num_tokens(s) for s in STEP] == [7, 7, 5, 7, 4]
+    assert bm.append_slots_batch([]) == []
+
+
+@pytest.mark.parametrize("order", [STEP, ["u", "c2", "f", "c1", "p"], ["f", "c2"]])
+@pytest.mark.parametrize("known", [False, True])
+def test_append_slots_batch_is_append_slots_in_order(order, known):
+    one = sharing_manager(enable_prefix_caching=True)
+    batch = sharing_manager(enable_prefix_caching=True)
+    tokens = list(range(30, 30 + len(order))) if known else None
+    pairs = []
+    for i, seq in enumerate(order):
+        pairs += one.append_slots(seq, 1, [tokens[i]] if known else None)
+    assert batch.append_slots_batch(tuple(order), tokens) == pairs
+    assert by_value(batch) == by_value(one)
+    # u's block fills: it gets a key only when its tokens are known
+    assert (3 in batch._keys) == (known and "u" in order)
+
+
+def test_append_slots_batch_needs_exactly_the_blocks_it_takes():
+    bm = sharing_manager(num_blocks=7)  # 3 free: the step takes two copies and a new block
+    bm.append_slots_batch(STEP)
+    assert bm.gpu.num_free_blocks == 0
+    bm = sharing_manager(num_blocks=6)  # 2 free: the copies fit, f's new block would not
+    e = raises_unchanged(bm, OutOfMemory, bm.append_slots_batch, STEP)
+    assert e.requested == 3 and e.free == 2
+    assert bm.append_slots_batch(["c1", "p"]) == [(1, 4), (1, 5)]
+
+
+def test_append_slots_batch_refuses_bad_steps_and_changes_nothing():
+    bm = sharing_manager(num_cpu_blocks=4)
+    bm.allocate("s", [1, 2])
+    bm.swap_out("s")
+    cases = [
+        (UnknownSequence, "99", ["p", "f", 99]),
+        (UnknownSequence, r"\[1\]", ["p", [1]]),
+        (InvalidState, "'s'.*swapped out", ["p", "s"]),
+        (InvalidRequest, "'f' twice", ["f", "p", "f"]),
+        (InvalidRequest, "list or tuple", "pf"),
+        (InvalidRequest, "list or tuple", {"p"}),
+        (InvalidRequest, "2 tokens for 3", ["p", "f", "u"], [1, 2]),
+        (InvalidRequest, "'x'", ["p"], ["x"]),
+        (InvalidRequest, "True", ["p"], [True]),
+    ]
+    for exc, text, *args in cases:
+        e = raises_unchanged(bm, exc, bm.append_slots_batch, *args)
+        assert re.search(text, str(e)), (args, str(e))
+    assert bm.append_slots_batch(["u"], np.array([5])) == []  # numpy ints are ints
+    assert bm.num_tokens("u") == 4
+
+
 def test_prefix_hit_reuses_blocks_and_never_the_last_token():
     bm = BlockManager(16, 4, watermark=0, enable_prefix_caching=True)
     prompt = list(range(100, 108))  # exactly two full blocks
@@ -515,6 +596,38 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.tokens[seq] += new
         self.write(seq, length)
 
+    @rule(data=st.data(), known=st.booleans())
+    def append_batch(self, data, known):
+        """One decode step over several running sequences: the same as one ``append_slots``
+        per sequence in order, except that a step that does not fit changes nothing."""
+        if not self.running():
+            return
+        batch = data.draw(st.lists(st.sampled_from(self.running()), min_size=1, unique=True))
+        new = data.draw(st.lists(ALPHABET, min_size=len(batch), max_size=len(batch)))
+        tables = {s: self.bm.block_table(s) for s in batch}
+        refs, need, copies = self.holders(False), 0, []  # copies: (seq, src), in order
+        for s in batch:
+            last = tables[s][-1]
+            if len(self.tokens[s]) % self.bs == 0:
+                need += 1
+            elif refs[last] > 1:  # a later holder in the step sees one holder less
+                need += 1
+                refs[last] -= 1
+                copies.append((s, last))
+        if need > self.bm.gpu.num_free_blocks:
+            raises_unchanged(self.bm, OutOfMemory, self.bm.append_slots_batch, batch, new)
+            event("append batch: out of memory")
+            return
+        pairs = self.bm.append_slots_batch(batch, new if known else None)
+        assert [src for src, _ in pairs] == [src for _, src in copies]
+        for (s, _), (src, dst) in zip(copies, pairs, strict=True):
+            event("append batch: copy on write")
+            assert dst == self.bm.block_table(s)[len(tables[s]) - 1]
+            self.gpu_kv[dst] = self.gpu_kv[src]  # every copy before any new KV is written
+        for s, token in zip(batch, new, strict=True):
+            self.tokens[s].append(token)
+            self.write(s, len(self.tokens[s]) - 1)
+
     @rule(data=st.data())
     def fork(self, data):
         if not self.tokens:
@@ -584,6 +697,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             (UnknownSequence, bm.free, unknown),
             (UnknownSequence, bm.swap_out, [unknown]),
             (UnknownSequence, bm.slot_mapping, unknown),
+            (UnknownSequence, bm.append_slots_batch, [unknown]),
             (InvalidRequest, bm.allocate, unknown, []),
         ]
         if self.tokens:
@@ -594,6 +708,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             if self.bm.is_swapped(seq):
                 calls += [
                     (InvalidState, bm.append_slots, seq, 1),
+                    (InvalidState, bm.append_slots_batch, [seq]),
                     (InvalidState, bm.can_append, seq),
                     (InvalidState, bm.fork, seq, unknown),
                     (InvalidState, bm.swap_out, seq),
@@ -606,6 +721,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
                     (DuplicateSequence, bm.fork, seq, other),
                     (InvalidRequest, bm.append_slots, seq, 0),
                     (InvalidRequest, bm.append_slots, seq, 2, [1]),
+                    (UnknownSequence, bm.append_slots_batch, [seq, unknown]),
+                    (InvalidRequest, bm.append_slots_batch, [seq, seq]),
+                    (InvalidRequest, bm.append_slots_batch, [seq], [1, 2]),
                     (InvalidRequest, bm.slot_mapping, seq, [len(self.tokens[seq])]),
                     (InvalidState, bm.swap_in, seq),
                     (InvalidRequest, bm.swap_out, [seq, seq]),

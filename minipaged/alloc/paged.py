@@ -39,6 +39,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from minipaged.alloc.base import Allocation, Allocator, Stats, check_request, merge_runs
 from minipaged.errors import DoubleFree, InvalidHandle, InvalidRequest, InvalidState, OutOfMemory
@@ -131,6 +132,16 @@ class PagedAllocator(Allocator):
 
     def refcount(self, block_id: int) -> int:
         return self._refs[self._block(block_id)]
+
+    @property
+    def ref_counts(self) -> Sequence[int]:
+        """Every block's ref count, indexed by block id: the pool's own list, not a copy.
+
+        For hot loops over block ids already known to be valid (the block manager's decode step
+        reads one count per sequence), where ``refcount``'s validation of each id would cost
+        more than the read. Read it only: counts change through ``take``, ``incref`` and
+        ``decref``, which keep the free queue in step with them."""
+        return self._refs
 
     def is_free(self, block_id: int) -> bool:
         return self._refs[self._block(block_id)] == 0
