@@ -13,6 +13,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("minipaged.demo", "add_commands"),
     ("minipaged.sim.cli", "add_commands"),
     ("minipaged.lessons", "add_commands"),
+    ("minipaged.bench.cli", "add_commands"),
 ]
 
 

@@ -40,6 +40,7 @@ from minipaged.kernels import (  # noqa: E402
     paged_attention_naive,
     paged_attention_v1,
     paged_attention_v2,
+    paged_attention_v3,
     reshape_and_cache,
     swap_blocks,
 )
@@ -116,16 +117,20 @@ def close(out, expected, dtype) -> tuple[bool, float]:
 
 ATTENTION_CONFIGS = [
     # seqs, heads, kv heads, head_dim, block_size, max context, dtype, versions
-    (8, 32, 8, 128, 16, 8192, np.float16, ("v1", "v2", "dispatch", "v1@256", "v2@256")),
-    (4, 8, 2, 128, 32, 8192, np.float32, ("v1", "v2", "dispatch", "v1@256", "v2@256")),
-    (256, 32, 8, 128, 16, 1024, np.float16, ("v1", "v2", "dispatch")),
-    (32, 16, 16, 64, 8, 2048, np.float32, ("v1", "v2", "dispatch")),
-    (64, 16, 4, 64, 32, 1536, np.float16, ("v1", "v2", "dispatch")),
-    (4, 8, 4, 64, 16, 1024, np.float32, ("naive", "v1", "v2")),
-    (4, 8, 4, 64, 8, 777, np.float16, ("naive", "v1", "v2")),
+    (8, 32, 8, 128, 16, 8192, np.float16, ("v1", "v2", "v3", "dispatch", "v1@256", "v3@256")),
+    (4, 8, 2, 128, 32, 8192, np.float32, ("v1", "v2", "v3", "dispatch", "v1@256", "v2@256")),
+    (256, 32, 8, 128, 16, 1024, np.float16, ("v1", "v2", "v3", "dispatch")),
+    (32, 16, 16, 64, 8, 2048, np.float32, ("v1", "v2", "v3", "dispatch")),
+    (64, 16, 4, 64, 32, 1536, np.float16, ("v1", "v2", "v3", "dispatch")),
+    (4, 8, 4, 64, 16, 1024, np.float32, ("naive", "v1", "v2", "v3")),
+    (4, 8, 4, 64, 8, 777, np.float16, ("naive", "v1", "v2", "v3")),
+    (16, 64, 8, 128, 16, 4096, np.float16, ("v2", "v3", "dispatch")),
+    (8, 32, 32, 128, 16, 2048, np.float16, ("v2", "v3", "dispatch")),
+    (4, 8, 2, 256, 16, 3000, np.float16, ("v2", "v3", "dispatch")),
+    (3, 4, 1, 32, 16, 33000, np.float16, ("v2", "v3", "dispatch")),
 ]
-QUICK_CONFIGS = [(2, 4, 2, 64, 16, 100, np.float16, ("naive", "v1", "v2", "dispatch"))]
-TINY_CONFIGS = [(2, 4, 2, 16, 4, 10, np.float16, ("naive", "v1", "v2", "dispatch"))]
+QUICK_CONFIGS = [(2, 4, 2, 64, 16, 100, np.float16, ("naive", "v1", "v2", "v3", "dispatch"))]
+TINY_CONFIGS = [(2, 4, 2, 16, 4, 10, np.float16, ("naive", "v1", "v2", "v3", "dispatch"))]
 TIMING = {"reps": 5, "samples": 15, "warmup": 2}  # the simulator dry run uses 1, 1, 0
 
 
@@ -153,6 +158,7 @@ def check_attention(configs, results, rng) -> None:
                 "naive": paged_attention_naive,
                 "v1": paged_attention_v1,
                 "v2": paged_attention_v2,
+                "v3": paged_attention_v3,
                 "dispatch": paged_attention,
             }[kind]
             fn(**on_device, out=out, threads=int(threads) if threads else None)
@@ -536,6 +542,9 @@ def main() -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="small checks only, no timings")
     parser.add_argument("--tiny", action="store_true", help="tiny timings (simulator dry run)")
+    parser.add_argument(
+        "--checks-only", action="store_true", help="no timings (see minipaged bench)"
+    )
     opts = parser.parse_args()
     opts.outdir.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -550,7 +559,7 @@ def main() -> int:
     check_attention(configs, results, rng)
     check_cache_ops(results, rng, opts.quick or opts.tiny)
     say(f"(checks took {time.perf_counter() - t0:.1f} s, compilation included)")
-    if not opts.quick:
+    if not (opts.quick or opts.checks_only):
         size = SIZES["tiny" if opts.tiny else "full"]
         time_attention(timings, rng, size)
         time_cache_ops(timings, rng, size)
