@@ -201,15 +201,13 @@ def _run_gpu(sections: list[str], args: argparse.Namespace, results: dict[str, A
             _say(line)
         results["attention"] = rows
     shape = gpu.CacheShape(64, 4, 2, 32, counts=(1, 4, 16)) if args.quick else gpu.CacheShape()
-    if "copy" in sections:
-        threads = {"threads": args.threads} if args.threads else {}
-        rows = gpu.bench_copy_blocks(shape, copy_gbs, timing, progress=_progress, **threads)
-        for line in _copy_table(rows, "== copy_blocks (K and V, one layer) =="):
-            _say(line)
-        results["copy_blocks"] = rows
-    if "cache" in sections:
-        threads = {"threads": args.threads} if args.threads else {}
-        rows = gpu.bench_reshape_and_cache(shape, copy_gbs, timing, progress=_progress, **threads)
-        for line in _copy_table(rows, "== reshape_and_cache (tokens of n blocks) =="):
-            _say(line)
-        results["reshape_and_cache"] = rows
+    threads = {"threads": args.threads} if args.threads else {}
+    for section, key, bench, title in (
+        ("copy", "copy_blocks", gpu.bench_copy_blocks, "K and V, one layer"),
+        ("cache", "reshape_and_cache", gpu.bench_reshape_and_cache, "tokens of n blocks"),
+    ):
+        if section in sections:
+            rows = bench(shape, copy_gbs, timing, progress=_progress, **threads)
+            for line in _copy_table(rows, f"== {key} ({title}) =="):
+                _say(line)
+            results[key] = rows

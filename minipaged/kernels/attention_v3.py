@@ -21,12 +21,14 @@ What changes, each for a reason measured on an H100 (docs/benchmarks.md):
    (``cuda.shfl_xor_sync``), ``log2(lanes)`` steps in registers.
 4. **More loads in flight.** Each thread fetches several tokens' K words (and V words) before
    using any of them, so their latencies overlap (``Tuning``).
-5. **No division per token.** The block size is a constant of the compiled kernel, so finding
-   a token's block is a shift, not an integer division.
+5. **Block by block, no division.** Both phases walk a partition one physical block at a time,
+   reading the block table once per block; the next row is one addition away. The block size
+   is a constant of the compiled kernel (a power of two), so a token's block is a shift, and
+   indices are unsigned, which spares every array access Numba's check for a negative index.
 
 Numba's CUDA simulator has no warp shuffles, so there ``_group_sum`` uses shared memory instead,
 and ``unpack`` uses NumPy; the kernel is otherwise the same code. The shapes that version 3
-serves are in ``supports``; ``paged_attention`` falls back to version 2 for the others.
+serves are in ``supports``; ``paged_attention`` falls back to version 1 or 2 for the others.
 """
 
 from __future__ import annotations
