@@ -26,10 +26,12 @@ Three numbered versions, slow to fast:
    with ``M = max_p m_p`` partition ``p`` weighs ``w_p = l_p * exp(m_p - M)`` and
    ``out = sum_p w_p out_p / sum_p w_p``.
 
-``paged_attention`` picks v1 or v2 (``choose_version``): v1 is one pass, v2 pays a second kernel
-and a round trip through global memory, but it splits each thread's long walk over the context
-into partitions that run in parallel, and it has no context-length limit. Measured, v2 wins as
-soon as a context spans two partitions.
+Version 3, in ``attention_v3.py``, is version 2 rebuilt to read the cache near the memory
+bandwidth; ``paged_attention`` uses it for every shape it serves. For the others it picks v1 or
+v2 (``choose_version``): v1 is one pass, v2 pays a second kernel and a round trip through global
+memory, but it splits each thread's long walk over the context into partitions that run in
+parallel, and it has no context-length limit. Measured, v2 wins as soon as a context spans two
+partitions.
 
 Reductions use shared memory only (no warp shuffles), so every kernel also runs in Numba's CUDA
 simulator; ``cuda.syncthreads()`` is only ever called by all threads of a block together.
