@@ -40,8 +40,6 @@ from minipaged.block_manager import BlockManager
 from minipaged.errors import (
     DuplicateSequence,
     InvalidRequest,
-    InvalidState,
-    OutOfMemory,
     UnknownSequence,
 )
 from minipaged.kernels import copy_blocks, paged_attention, reshape_and_cache, swap_blocks
@@ -289,7 +287,7 @@ class PagedRunner:
     def decode(self, tokens: Mapping[Hashable, int]) -> dict[Hashable, np.ndarray]:
         """One decode step for a batch: ``{seq_id: next token}`` -> ``{seq_id: its logits}``.
 
-        Order matters. First every sequence gets a slot (``append_slots``), which may copy a
+        Order matters. First every sequence gets a slot (``append_slots_batch``), which may copy a
         shared, partly filled last block on write; those copies run next (``copy_blocks``),
         before any new K/V is written, since the copy overwrites the whole destination block.
         Only then are the new K/V written and attention run. Everything is checked before the
@@ -297,23 +295,9 @@ class PagedRunner:
         ids = list(tokens)
         if not ids:
             raise InvalidRequest("a decode step needs at least one sequence, got none")
-        need = 0
         for seq_id in ids:
-            if self.manager.is_swapped(seq_id):
-                raise InvalidState(f"sequence {seq_id!r} is swapped out to CPU")
-            n = self.manager.num_tokens(seq_id)
-            self.model.check_tokens([tokens[seq_id]], n)
-            last = self.manager.block_table(seq_id)[-1]
-            # a new block when the last one is full, a copy when it is shared (conservative:
-            # of several holders appending in one step, the last needs no copy)
-            if n % self.manager.block_size == 0 or self.manager.gpu.refcount(last) > 1:
-                need += 1
-        free = self.manager.gpu.num_free_blocks
-        if need > free:
-            raise OutOfMemory(need, free, free, what="GPU blocks")
-        pairs = []
-        for seq_id in ids:
-            pairs += self.manager.append_slots(seq_id, 1, [tokens[seq_id]])
+            self.model.check_tokens([tokens[seq_id]], self.manager.num_tokens(seq_id))
+        pairs = self.manager.append_slots_batch(ids, [tokens[s] for s in ids])  # all or nothing
         if pairs:
             copy_blocks([self.key_cache], [self.value_cache], pairs, **self._kw())
             self.cow_copies += len(pairs)
