@@ -368,6 +368,23 @@ def test_copy_blocks_matches_reference(kv: tuple, data: st.DataObject) -> None:
     np.testing.assert_array_equal(values, np.stack(expected_v))
 
 
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+def test_copy_blocks_kernel_takes_any_number_of_pieces(pieces: int) -> None:
+    """The launch cuts each block copy into pieces of two words per thread; the kernel itself
+    copies a whole block with any number of pieces, the last one short (one piece is how
+    ``scripts/gpu_check.py`` times it)."""
+    rng = np.random.default_rng(pieces)
+    keys = rng.standard_normal((2, 4, 37)).astype(np.float32)  # 37: no piece divides it evenly
+    values = rng.standard_normal((2, 4, 37)).astype(np.float32)
+    mapping = np.array([[3, 0], [1, 2]], np.int64)
+    expected_k, expected_v = list(keys.copy()), list(values.copy())
+    ref.copy_blocks_ref(expected_k, expected_v, mapping)
+    d_k, d_v = cuda.to_device(keys), cuda.to_device(values)
+    cache_ops.copy_blocks_kernel[(2, 2, pieces), 8](d_k, d_v, cuda.to_device(mapping))
+    np.testing.assert_array_equal(d_k.copy_to_host(), np.stack(expected_k))
+    np.testing.assert_array_equal(d_v.copy_to_host(), np.stack(expected_v))
+
+
 @settings(max_examples=30)
 @given(caches(layers=1), st.integers(1, 8), st.data())
 def test_swap_blocks_matches_reference(kv: tuple, dst_blocks: int, data: st.DataObject) -> None:

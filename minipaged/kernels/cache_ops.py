@@ -30,7 +30,7 @@ from minipaged.kernels import validate as v
 
 # Threads per block: tiny in the simulator (one Python thread each), a few warps on a GPU.
 THREADS = 32 if config.ENABLE_CUDASIM else 128
-WORDS_PER_THREAD = 2  # words of K (and of V) one thread of copy_blocks copies
+WORDS_PER_THREAD = 2  # words of K (and as many of V) a thread copies: _copy_words
 
 
 def as_words(array: Any) -> Any:
@@ -49,6 +49,29 @@ def as_words(array: Any) -> Any:
     return array
 
 
+@cuda.jit(device=True)
+def _copy_words(dst_k, dst_v, src_k, src_v, i, step, stop):
+    """Copy words ``i`` and ``i + step`` (if below ``stop``) of ``src_k`` and ``src_v`` into the
+    same places of ``dst_k`` and ``dst_v``: ``WORDS_PER_THREAD`` words of each.
+
+    All four loads come before any store. Written as load, store, load, store, each load would
+    wait for the store before it (the compiler cannot know that a store to ``dst_k`` leaves
+    ``src_v`` alone), so a thread would have one load in flight at a time; this way it has four,
+    and the copies reach 7 to 9 points more of the copy bandwidth (docs/benchmarks.md). When
+    ``i + step`` is past ``stop`` the second loads read word ``stop - 1`` instead and nothing is
+    stored from them, so no load waits on a branch."""
+    j = min(i + step, stop - 1)
+    k0 = src_k[i]
+    v0 = src_v[i]
+    k1 = src_k[j]
+    v1 = src_v[j]
+    dst_k[i] = k0
+    dst_v[i] = v0
+    if i + step < stop:
+        dst_k[j] = k1
+        dst_v[j] = v1
+
+
 # --- 1. reshape_and_cache ------------------------------------------------------------------------
 
 
@@ -60,9 +83,10 @@ def reshape_and_cache_kernel(key, value, key_cache, value_cache, slot_mapping):
     slot = slot_mapping[token]
     if slot < 0:
         return
-    for i in range(cuda.threadIdx.x, key.shape[1], cuda.blockDim.x):
-        key_cache[slot, i] = key[token, i]
-        value_cache[slot, i] = value[token, i]
+    row = key.shape[1]
+    step = cuda.blockDim.x
+    for i in range(cuda.threadIdx.x, row, WORDS_PER_THREAD * step):
+        _copy_words(key_cache[slot], value_cache[slot], key[token], value[token], i, step, row)
 
 
 def launch_reshape_and_cache(
@@ -132,9 +156,11 @@ def copy_blocks_kernel(key_caches, value_caches, block_mapping):
     size = key_caches.shape[2]
     piece = (size + cuda.gridDim.z - 1) // cuda.gridDim.z
     first = cuda.blockIdx.z * piece
-    for i in range(first + cuda.threadIdx.x, min(first + piece, size), cuda.blockDim.x):
-        key_caches[layer, dst, i] = key_caches[layer, src, i]
-        value_caches[layer, dst, i] = value_caches[layer, src, i]
+    stop = min(first + piece, size)
+    step = cuda.blockDim.x
+    keys, values = key_caches[layer], value_caches[layer]
+    for i in range(first + cuda.threadIdx.x, stop, WORDS_PER_THREAD * step):
+        _copy_words(keys[dst], values[dst], keys[src], values[src], i, step, stop)
 
 
 def launch_copy_blocks(
@@ -145,10 +171,9 @@ def launch_copy_blocks(
     their size allows (see ``as_words``).
 
     Each block copy is cut into pieces of ``WORDS_PER_THREAD * threads`` words, one thread
-    block each: a copy is a chain of load-then-store steps per thread, so with few pairs and
-    one thread block per pair there are too few loads in flight to keep the memory busy
-    (measured on an H100, 256 block copies: 58% of the copy bandwidth with a thread block per
-    pair, 66% in pieces; docs/benchmarks.md)."""
+    block each: with few pairs and one thread block per pair there are too few loads in flight
+    to keep the memory busy (measured on an H100, 256 block copies: 58% of the copy bandwidth
+    with a thread block per pair, 66% in pieces; docs/benchmarks.md)."""
     key_words, value_words = as_words(key_caches), as_words(value_caches)
     pieces = -(-key_words.shape[2] // (WORDS_PER_THREAD * threads))
     copy_blocks_kernel[(pairs.shape[0], key_words.shape[0], pieces), threads](
