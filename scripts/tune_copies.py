@@ -87,16 +87,7 @@ def main() -> None:
     kw, vw = cache_ops.as_words(k), cache_ops.as_words(v)
     size = kw.shape[2]
     for n in (64, 256, 1024, 4096):
-        ids = rng.permutation(shape.num_blocks)
-        sets = max(1, min(gpu.ROTATE, shape.num_blocks // (2 * n)))
-        maps = [
-            cuda.to_device(
-                np.stack(
-                    [ids[2 * n * i : 2 * n * i + n], ids[2 * n * i + n : 2 * n * (i + 1)]], 1
-                ).astype(np.int64)
-            )
-            for i in range(sets)
-        ]
+        maps = gpu.pair_sets(rng, shape.num_blocks, n)
         nbytes = 2 * 2 * n * shape.block_bytes  # K and V, read and written
         turn = itertools.cycle(maps)
         cells = [

@@ -242,6 +242,22 @@ class CacheShape:
         return self.block_elems * np.dtype(self.dtype).itemsize
 
 
+def pair_sets(rng: np.random.Generator, num_blocks: int, n: int) -> list[Any]:
+    """Up to ``ROTATE`` disjoint sets of ``n`` ``(src, dst)`` pairs of distinct blocks, as int64
+    device arrays. A copy benchmark uses them in turn, so that a small copy does not find its
+    blocks still in the L2 cache from the previous run (the sets together exceed it)."""
+    ids = rng.permutation(num_blocks)
+    sets = max(1, min(ROTATE, num_blocks // (2 * n)))
+    return [
+        cuda.to_device(
+            np.stack(
+                [ids[2 * n * i : 2 * n * i + n], ids[2 * n * i + n : 2 * n * (i + 1)]], 1
+            ).astype(np.int64)
+        )
+        for i in range(sets)
+    ]
+
+
 def bench_copy_blocks(
     shape: CacheShape,
     copy_gbs: float,
@@ -259,20 +275,9 @@ def bench_copy_blocks(
     for n in shape.counts:
         if progress:
             progress(f"copy_blocks {n} blocks")
-        # Several disjoint sets of pairs, used in turn, so that a small copy does not find its
-        # blocks still in the L2 cache from the previous run (the sets together exceed it).
-        ids = rng.permutation(shape.num_blocks)
-        sets = max(1, min(ROTATE, shape.num_blocks // (2 * n)))
-        mappings = [
-            cuda.to_device(
-                np.stack(
-                    [ids[2 * n * i : 2 * n * i + n], ids[2 * n * i + n : 2 * n * (i + 1)]], 1
-                ).astype(np.int64)
-            )
-            for i in range(sets)
-        ]
+        mappings = pair_sets(rng, shape.num_blocks, n)
         nbytes = 2 * 2 * n * shape.block_bytes  # K and V; read and written
-        row: dict[str, Any] = {"blocks": n, "bytes": nbytes, "rotated_sets": sets}
+        row: dict[str, Any] = {"blocks": n, "bytes": nbytes, "rotated_sets": len(mappings)}
         for t in threads:
             turn = itertools.cycle(mappings)
             ms = time_ms(
