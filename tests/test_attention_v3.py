@@ -49,7 +49,7 @@ def cases(draw):
         v_tokens_per_step=draw(st.sampled_from([1, 3, 4])),
     )
     head_dim = draw(st.sampled_from([8, 16, 32]))
-    group = draw(st.sampled_from([1, 2, 3, 4, 8]))  # 3: padded to 4 heads in the exchanges
+    group = draw(st.sampled_from([1, 2, 3, 4, 8]))  # 3: not a power of two; 8: MAX_GROUP
     kv_heads = draw(st.integers(1, 2))
     block_size = draw(st.sampled_from([1, 2, 4, 8]))
     if supports(dtype, group * kv_heads, kv_heads, head_dim, block_size, tuning):
