@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from numba import config, cuda
 
 from minipaged.errors import InvalidRequest
-from minipaged.kernels import attention, attention_v3, paged_attention
+from minipaged.kernels import attention, attention_v3, attention_v4, paged_attention
 from minipaged.kernels import reference as ref
 from minipaged.kernels.attention_v3 import Tuning, paged_attention_v3, supports
 
@@ -126,6 +126,7 @@ def test_supports_names_the_reason() -> None:
     assert "power of two threads" in supports(np.float16, 4, 4, 48, 16)  # 12 words: 3 lanes
     assert "more than version 3's" in supports(np.float16, 64, 4, 128, 16)
     assert "block_size = 12" in supports(np.float16, 4, 4, 128, 12)
+    assert "shared memory" in supports(np.float16, 32, 8, 128, 16, partition_size=8192)
 
 
 def small_args(block_size: int = 4, head_dim: int = 16) -> tuple:
@@ -162,12 +163,16 @@ def test_v3_refuses_unsupported_shapes() -> None:
         paged_attention_v3(*small_args(head_dim=12))
 
 
-def test_dispatch_prefers_v3_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_prefers_v4_then_v3(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
+    monkeypatch.setattr(attention_v4, "launch_v4", lambda a, p: calls.append(f"v4/{p}"))
     monkeypatch.setattr(attention_v3, "launch_v3", lambda a, p: calls.append(f"v3/{p}"))
     monkeypatch.setattr(attention, "launch_v1", lambda a: calls.append("v1"))
     monkeypatch.setattr(attention, "launch_v2", lambda a, p: calls.append(f"v2/{p}"))
-    paged_attention(*small_args(), partition_size=8)  # supported: v3
+    paged_attention(*small_args(), partition_size=8)  # supported: v4
     paged_attention(*small_args(), partition_size=6)  # partition not a multiple of 4: v1/v2
     paged_attention(*small_args(block_size=3), partition_size=6)  # block size 3: v1/v2
-    assert calls == ["v3/8", "v2/6", "v2/6"]
+    paged_attention(*small_args(), partition_size=8192)  # logits beyond shared memory: v1/v2
+    monkeypatch.setattr(attention_v4, "supports", lambda *args: "a shape v4 does not serve")
+    paged_attention(*small_args(), partition_size=8)  # v3
+    assert calls == ["v4/8", "v2/6", "v2/6", "v1", "v3/8"]

@@ -26,8 +26,9 @@ Kernels (host wrappers validate everything before launching; see ``validate.py``
 - ``reshape_and_cache``: new tokens' K/V into their slots;
 - ``copy_blocks``: block copies within the cache, all pairs and layers in one launch;
 - ``swap_blocks``: block copies between device and (pinned) host caches;
-- ``paged_attention`` (dispatching to ``paged_attention_v1``, ``paged_attention_v2`` or
-  ``paged_attention_v3``) and ``paged_attention_naive``: decode attention over the paged cache.
+- ``paged_attention`` (dispatching to ``paged_attention_v1``, ``paged_attention_v2``,
+  ``paged_attention_v3`` or ``paged_attention_v4``) and ``paged_attention_naive``: decode
+  attention over the paged cache.
 """
 
 from minipaged.kernels.attention import (
@@ -38,6 +39,7 @@ from minipaged.kernels.attention import (
     paged_attention_v2,
 )
 from minipaged.kernels.attention_v3 import paged_attention_v3
+from minipaged.kernels.attention_v4 import paged_attention_v4
 from minipaged.kernels.cache_ops import copy_blocks, reshape_and_cache, swap_blocks
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "paged_attention_v1",
     "paged_attention_v2",
     "paged_attention_v3",
+    "paged_attention_v4",
     "reshape_and_cache",
     "swap_blocks",
 ]

@@ -366,13 +366,15 @@ def supports(
     head_dim: int,
     block_size: int,
     tuning: Tuning = TUNING,
+    partition_size: int = PARTITION_SIZE,
 ) -> str | None:
     """None when version 3 can run this shape, else the reason it cannot.
 
     A K row must split into token groups of a power-of-two number of threads dividing a warp,
     ``tuning.words_per_lane`` words each (with the default tuning: head_dim 16, 32, 64, 128 or
     256 for float16, 8 to 128 for float32), a block serves at most ``MAX_GROUP`` query heads,
-    and the block size is a power of two."""
+    the block size is a power of two, and the logits of a partition fit in the shared memory a
+    launch gets by default."""
     if block_size & (block_size - 1):
         return f"block_size = {block_size} is not a power of two"
     itemsize = np.dtype(dtype).itemsize
@@ -395,7 +397,25 @@ def supports(
             f"{num_heads // num_kv_heads} query heads per kv head is more than version 3's "
             f"{MAX_GROUP}"
         )
+    need = shared_bytes(
+        num_heads // num_kv_heads,
+        head_dim,
+        words // tuning.v_words_per_lane,
+        partition_size,
+        THREADS,
+    )
+    if need > v2.SHARED_BYTES:
+        return (
+            f"partition_size = {partition_size} needs {need} bytes of shared memory per thread "
+            f"block, more than {v2.SHARED_BYTES}"
+        )
     return None
+
+
+def shared_bytes(group: int, head_dim: int, team: int, partition_size: int, threads: int) -> int:
+    """Dynamic shared memory of one thread block: the logits ``[group, partition]``, later the
+    teams' sums ``[teams, group, head_dim]``, then ``red [group, threads]``."""
+    return 4 * group * (max(partition_size, threads // team * head_dim) + threads)
 
 
 def launch_v3(
@@ -410,10 +430,12 @@ def launch_v3(
     num_blocks, block_size, kv_heads, _ = a.key_cache.shape
     if tuning is None:
         tuning = default_tuning(num_heads // kv_heads)
-    reason = supports(a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, tuning)
+    partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
+    reason = supports(
+        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, tuning, partition_size
+    )
     if reason:
         raise InvalidRequest(reason)
-    partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     if partition_size % block_size:
         raise InvalidRequest(
             f"partition_size = {partition_size} must be a multiple of block_size = {block_size} "
@@ -431,8 +453,7 @@ def launch_v3(
         )
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
     parts = partial_out.shape[2]
-    # logits [group, partition] (later the teams' sums [teams, group, head_dim]) | red
-    shared = 4 * group * (max(partition_size, threads // team * head_dim) + threads)
+    shared = shared_bytes(group, head_dim, team, partition_size, threads)
     kernel = make_kernel(group, elems, words, block_size, tuning)
     kernel[(kv_heads, num_seqs, parts), threads, 0, shared](
         partial_out,
