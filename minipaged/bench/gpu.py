@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numba import config, cuda
 
-from minipaged.kernels import attention, attention_v3, cache_ops
+from minipaged.kernels import attention, attention_v3, attention_v4, cache_ops
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 ROTATE = 8  # input sets a small copy benchmark cycles through
@@ -183,8 +183,9 @@ def bench_attention(
     with_torch: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """For each shape: milliseconds of versions 2 and 3 and of SDPA, the achieved bandwidth of
-    each as a share of ``copy_gbs``, and the largest difference between versions 2 and 3."""
+    """For each shape: milliseconds of versions 2, 3 and 4 and of SDPA, the achieved bandwidth
+    of each as a share of ``copy_gbs``, and the largest differences of versions 3 and 4 from
+    version 2."""
     rows = []
     for i, shape in enumerate(shapes):
         if progress:
@@ -204,14 +205,18 @@ def bench_attention(
         v2_out.copy_to_device(a.out)
         row["v2_ms"] = time_ms(lambda a=a: attention.launch_v2(a, partition_size), timing)
         args = (shape.dtype, shape.heads, shape.kv_heads, shape.head_dim, shape.block_size)
-        if attention_v3.supports(*args) is None:
+        if attention_v3.supports(*args, partition_size=partition_size) is None:
             attention_v3.launch_v3(a, partition_size)
             row["v3_vs_v2"] = max_difference(a.out, v2_out)
             row["v3_ms"] = time_ms(lambda a=a: attention_v3.launch_v3(a, partition_size), timing)
+        if attention_v4.supports(*args, partition_size) is None:
+            attention_v4.launch_v4(a, partition_size)
+            row["v4_vs_v2"] = max_difference(a.out, v2_out)
+            row["v4_ms"] = time_ms(lambda a=a: attention_v4.launch_v4(a, partition_size), timing)
         del a, v2_out
         if with_torch:
             row["sdpa_ms"] = sdpa_ms(shape, timing)
-        for name in ("v2", "v3", "sdpa"):
+        for name in ("v2", "v3", "v4", "sdpa"):
             ms = row.get(f"{name}_ms")
             if ms:
                 row[f"{name}_share"] = row["bytes"] / ms / 1e6 / copy_gbs
