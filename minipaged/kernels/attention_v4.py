@@ -231,15 +231,15 @@ def make_kernel(
         count = group
         offset = lanes // 2
         for _ in range(halvings):
-            half = count // 2
+            kept = count // 2
             upper = (slot & offset) != 0  # keep the upper half, hand the lower to the partner
-            for i in range(half):
+            for i in range(kept):
                 lo = dots[i]
-                hi = dots[i + half]
+                hi = dots[i + kept]
                 dots[i] = (hi if upper else lo) + _exchange(lo if upper else hi, offset, scratch)
             if upper:
-                first += half
-            count = half
+                first += kept
+            count = kept
             offset //= 2
         while offset > 0:
             for i in range(owned):
