@@ -146,17 +146,28 @@ def default_block_hash(parent_hash: Hashable | None, tokens: tuple[int, ...]) ->
     return hash((parent_hash, tokens))
 
 
-@dataclass(frozen=True, eq=False)
 class BlockKey:
     """What a full block holds: its tokens after the prefix ``parent`` (None for block 0).
 
     The keys of a sequence form a chain, so a key stands for the whole prefix up to and including
     its block while storing only ``block_size`` tokens; chains of sequences with a common prefix
-    share their first keys. ``hash`` is ``hash_fn(parent.hash, tokens)``."""
+    share their first keys. ``hash`` is ``hash_fn(parent.hash, tokens)``.
 
-    hash: Hashable
-    tokens: tuple[int, ...]
-    parent: BlockKey | None
+    A key is never changed after it is made (treat it as read-only) and compares by identity:
+    two keys with equal tokens are still two keys. Every block that fills gets one, so it is a
+    plain class with ``__slots__`` rather than a frozen dataclass, whose ``__init__`` (it sets
+    each field through ``object.__setattr__``) costs about 3.5 times as much."""
+
+    __slots__ = ("hash", "tokens", "parent")
+
+    def __init__(self, hash: Hashable, tokens: tuple[int, ...], parent: BlockKey | None) -> None:
+        self.hash = hash
+        self.tokens = tokens
+        self.parent = parent
+
+    def __repr__(self) -> str:
+        parent = None if self.parent is None else f"<key {self.parent.hash!r}>"
+        return f"BlockKey(hash={self.hash!r}, tokens={self.tokens!r}, parent={parent})"
 
 
 def same_prefix(a: BlockKey | None, b: BlockKey | None) -> bool:
@@ -349,44 +360,61 @@ class BlockManager:
 
     def _match(self, tokens: Sequence[int]) -> list[int]:
         """The cached blocks of the longest cached prefix of ``tokens``, at most
-        ``(len(tokens) - 1) // block_size`` of them (see the module docstring). Changes nothing."""
+        ``(len(tokens) - 1) // block_size`` of them (see the module docstring). Changes nothing.
+
+        The hash is computed inline rather than through :meth:`_hash` (the same value: with the
+        default ``hash_fn`` it is ``hash((parent_hash, tokens))`` straight away), since every
+        prompt block costs one."""
         hits: list[int] = []
         if not self.enable_prefix_caching:
             return hits
-        bs, parent = self.block_size, None
-        for i in range((len(tokens) - 1) // bs):
-            want = tuple(tokens[i * bs : (i + 1) * bs])
-            h = self._hash(parent, want)
-            b = self._cache.get(h)
+        bs, cache, keys, hash_fn = self.block_size, self._cache, self._keys, self.hash_fn
+        plain = hash_fn is default_block_hash
+        parent, parent_hash = None, None
+        for start in range(0, (len(tokens) - 1) // bs * bs, bs):
+            want = tuple(tokens[start : start + bs])
+            b = cache.get(hash((parent_hash, want)) if plain else hash_fn(parent_hash, want))
             if b is None:
                 break
-            key = self._keys[b]
-            if key.tokens != want or not same_prefix(key.parent, parent):
+            key = keys[b]
+            # Confirm the hit: the same tokens after the same prefix. Usually the key's parent
+            # is the very key matched before it (the chains meet at once): no walk needed.
+            if key.tokens != want or (
+                key.parent is not parent and not same_prefix(key.parent, parent)
+            ):
                 break  # a hash collision: a miss, not someone else's KV
             hits.append(b)
-            parent = key
+            parent, parent_hash = key, key.hash
         return hits
 
     def _register(self, seq_id: Hashable, start: int) -> None:
         """Give keys to the sequence's full blocks from logical block ``start`` on, and enter
         them into the cache unless their hash is taken (by an equal block or a collision). Stops
-        at the first block with an unknown token: no later block can have a key then."""
+        at the first block with an unknown token: no later block can have a key then.
+
+        Called for every block that fills (once per ``block_size`` appends), so the hash is
+        computed inline as in :meth:`_match`."""
         if not self.enable_prefix_caching:
             return
-        table, tokens, bs = self._tables[seq_id], self._tokens[seq_id], self.block_size
-        parent = self._keys.get(table[start - 1]) if start > 0 else None
-        if start > 0 and parent is None:
-            return
+        table, tokens, keys = self._tables[seq_id], self._tokens[seq_id], self._keys
+        parent = None
+        if start > 0:
+            parent = keys.get(table[start - 1])
+            if parent is None:
+                return
+        bs, cache, hash_fn = self.block_size, self._cache, self.hash_fn
+        plain = hash_fn is default_block_hash
         for i in range(start, len(tokens) // bs):
-            key = self._keys.get(table[i])
+            b = table[i]
+            key = keys.get(b)
             if key is None:
-                toks = tokens[i * bs : (i + 1) * bs]
+                toks = tuple(tokens[i * bs : (i + 1) * bs])
                 if None in toks:
                     return
-                toks = tuple(toks)
-                key = BlockKey(self._hash(parent, toks), toks, parent)
-                self._keys[table[i]] = key
-                self._cache.setdefault(key.hash, table[i])
+                parent_hash = None if parent is None else parent.hash
+                h = hash((parent_hash, toks)) if plain else hash_fn(parent_hash, toks)
+                key = keys[b] = BlockKey(h, toks, parent)
+                cache.setdefault(h, b)
             parent = key
 
     def _out_of_gpu(self, need: int, keep: int) -> OutOfMemory:
@@ -400,6 +428,7 @@ class BlockManager:
 
     @staticmethod
     def _check_tokens(tokens: object, what: str) -> list[int]:
+        """The token ids as a new list of ints (the caller may keep it), or ``InvalidRequest``."""
         # The common case first, checked in C: a list or tuple of plain ints needs no converting
         # (bools and numpy ints take the loop below, which rejects or converts them).
         if isinstance(tokens, list | tuple) and set(map(type, tokens)) <= _PLAIN_INT:
@@ -450,17 +479,19 @@ class BlockManager:
                 f"in {self.gpu.num_blocks} blocks with a watermark of {self.watermark_blocks}"
             )
         hits = self._match(toks)
-        need = num_blocks - len(hits) + sum(1 for b in hits if self.gpu.is_free(b))
+        refs = self.gpu.ref_counts  # read-only view; the hits are valid block ids
+        need = num_blocks - len(hits) + sum(1 for b in hits if refs[b] == 0)
         if self.gpu.num_free_blocks - need < self.watermark_blocks:
             raise self._out_of_gpu(need, self.watermark_blocks)
         for b in hits:  # revive or share the hits first, so that eviction cannot pick them
-            if self.gpu.is_free(b):
+            if refs[b] == 0:
                 self.gpu.take(b)
             else:
                 self.gpu.incref(b)
-        table = hits + [self._new_gpu_block() for _ in range(num_blocks - len(hits))]
+        new_block = self._new_gpu_block
+        table = hits + [new_block() for _ in range(num_blocks - len(hits))]
         self._tables[seq_id] = table
-        self._tokens[seq_id] = list(toks)
+        self._tokens[seq_id] = toks  # _check_tokens made a new list: no need to copy it again
         self._register(seq_id, len(hits))
         if self.enable_prefix_caching:
             self.prefix_hits += len(hits)
@@ -536,7 +567,7 @@ class BlockManager:
                 f"seq_ids must be a list or tuple of sequence ids, got {seq_ids!r}"
             )
         try:
-            tables = [self._tables[s] for s in seq_ids]
+            tables = list(map(self._tables.__getitem__, seq_ids))
         except (KeyError, TypeError):
             tables = [self._table(s) for s in seq_ids]  # raises, naming the first unknown id
         swapped = self._swapped
@@ -562,22 +593,25 @@ class BlockManager:
             if need > self.gpu.num_free_blocks:
                 raise self._out_of_gpu(need, 0)
 
-        bs, refs, tokens_of = self.block_size, self.gpu.ref_counts, self._tokens
-        register = tokens is not None and self.enable_prefix_caching
+        bs, refs = self.block_size, self.gpu.ref_counts
+        token_lists = list(map(self._tokens.__getitem__, seq_ids))
+        new_block, release, register = self._new_gpu_block, self._release_gpu, self._register
+        # The offset in its last block where a token completes the block; only then, and only
+        # with known tokens, is a key due (None: no keys in this step).
+        last_slot = bs - 1 if tokens is not None and self.enable_prefix_caching else None
         pairs: list[tuple[int, int]] = []
-        for seq_id, table, token in zip(seq_ids, tables, new, strict=True):
-            seq_tokens = tokens_of[seq_id]
-            length = len(seq_tokens)
-            if length % bs == 0:  # the last block is full, so read-only: start a new one
-                table.append(self._new_gpu_block())
+        for seq_id, table, seq_tokens, token in zip(seq_ids, tables, token_lists, new, strict=True):
+            offset = len(seq_tokens) % bs  # where the new token lands in the last block
+            if offset == 0:  # the last block is full, so read-only: start a new one
+                table.append(new_block())
             elif refs[table[-1]] > 1:  # partly filled but shared: copy it on write
-                src, dst = table[-1], self._new_gpu_block()
-                self._release_gpu(src)
+                src, dst = table[-1], new_block()
+                release(src)
                 table[-1] = dst
                 pairs.append((src, dst))
             seq_tokens.append(token)
-            if register and (length + 1) % bs == 0:  # the token filled its block: give it a key
-                self._register(seq_id, length // bs)
+            if offset == last_slot:  # the token filled its block: give the block a key
+                register(seq_id, len(seq_tokens) // bs - 1)
         return pairs
 
     def _step_need(self, seq_ids: Sequence[Hashable], tables: list[list[int]]) -> int:
@@ -612,8 +646,9 @@ class BlockManager:
                 self.cpu.decref(b)
             self._swapped.discard(seq_id)
         else:
+            release = self._release_gpu
             for b in reversed(table):
-                self._release_gpu(b)
+                release(b)
         del self._tables[seq_id], self._tokens[seq_id]
 
     # ----- swapping ------------------------------------------------------------------------
