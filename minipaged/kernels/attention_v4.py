@@ -181,6 +181,60 @@ def shared_bytes(
 
 
 @functools.cache
+def make_ring(block_size: int, words: int, ring_row: int, threads: int, stages: int) -> Any:
+    """Device functions ``(fetch, advance, copy_offsets)`` that keep a ring of ``stages``
+    buffers, each one physical block's rows (``words`` 8-byte words of one kv head each, stored
+    ``ring_row`` words apart) for a thread block of ``threads`` threads. Versions 4 and 5 share
+    them."""
+    shift = block_size.bit_length() - 1
+    buffer = block_size * ring_row  # words of one ring buffer
+    chunks = block_size * words // 2  # 16-byte copies per block
+    turns = -(-chunks // threads)  # copies per thread and block, at most
+    half = words // 2  # 16-byte chunks per row
+    half_shift = half.bit_length() - 1
+    rows_per_turn = threads // half  # rows one turn of copies covers (threads: a multiple of half)
+    buffer_words, ring_words = np.uint64(buffer), np.uint64(stages * buffer)
+
+    @cuda.jit(device=True, **INLINE)
+    def copy_offsets(row_words, head_offset):
+        """``(to_ring, to_cache)``: where this thread's first 16-byte piece of a block goes in a
+        ring buffer and comes from in the block (in words; ``head_offset`` is the kv head's first
+        word in a row of ``row_words`` words)."""
+        tid = cuda.threadIdx.x
+        piece = 2 * (tid & (half - 1))
+        to_ring = uint64((tid >> half_shift) * ring_row + piece)
+        to_cache = uint64(tid >> half_shift) * row_words + uint64(head_offset + piece)
+        return to_ring, to_cache
+
+    @cuda.jit(device=True, **INLINE)
+    def fetch(ring, at, cache, table, lb, row_words, to_ring, to_cache, live):
+        """Start copying logical block ``lb``'s rows (this kv head's part of each) into the ring
+        buffer that starts at word ``at``. This thread's first 16-byte piece goes from word
+        ``to_cache`` of the block to word ``to_ring`` of the buffer; each next one is
+        ``rows_per_turn`` rows further. Close them as one group; ``live`` False: an empty
+        group, so that every iteration commits one and the counting in ``wait`` stays simple."""
+        if live:
+            first = uint64(table[lb] << shift) * row_words + to_cache
+            for i in range(turns):
+                if chunks % threads == 0 or cuda.threadIdx.x + i * threads < chunks:
+                    _copy16(
+                        ring,
+                        at + to_ring + uint64(i * rows_per_turn * ring_row),
+                        cache,
+                        first + uint64(i * rows_per_turn) * row_words,
+                    )
+        _commit()
+
+    @cuda.jit(device=True, **INLINE)
+    def advance(at):
+        """The next ring buffer after the one at word ``at`` (unsigned: no division)."""
+        at += buffer_words
+        return at if at < ring_words else uint64(0)
+
+    return fetch, advance, copy_offsets
+
+
+@functools.cache
 def make_kernel(
     group: int,
     elems: int,
@@ -206,14 +260,8 @@ def make_kernel(
     ring_row = _ring_row(words)
     buffer = block_size * ring_row  # words of one ring buffer
     ring_floats = 2 * stages * buffer
-    chunks = block_size * words // 2  # 16-byte copies per block
-    turns = -(-chunks // threads)  # copies per thread and block, at most
     num_tgroups = threads // lanes
     teams = threads // team
-    half = words // 2  # 16-byte chunks per row
-    half_shift = half.bit_length() - 1
-    rows_per_turn = threads // half  # rows one turn of copies covers (threads: a multiple of half)
-    buffer_words, ring_words = np.uint64(buffer), np.uint64(stages * buffer)
     wait = _wait_for(stages - 2)
     # summing the heads' partial dot products over a token group: while a thread has several
     # heads' sums, each exchange halves them (it keeps one half, its partner the other), so
@@ -247,30 +295,7 @@ def make_kernel(
             offset //= 2
         return first
 
-    @cuda.jit(device=True, **INLINE)
-    def fetch(ring, at, cache, table, lb, row_words, to_ring, to_cache, live):
-        """Start copying logical block ``lb``'s rows (this kv head's part of each) into the ring
-        buffer that starts at word ``at``. This thread's first 16-byte piece goes from word
-        ``to_cache`` of the block to word ``to_ring`` of the buffer; each next one is
-        ``rows_per_turn`` rows further. Close them as one group; ``live`` False: an empty
-        group, so that every iteration commits one and the counting in ``wait`` stays simple."""
-        if live:
-            first = uint64(table[lb] << shift) * row_words + to_cache
-            for i in range(turns):
-                if chunks % threads == 0 or cuda.threadIdx.x + i * threads < chunks:
-                    _copy16(
-                        ring,
-                        at + to_ring + uint64(i * rows_per_turn * ring_row),
-                        cache,
-                        first + uint64(i * rows_per_turn) * row_words,
-                    )
-        _commit()
-
-    @cuda.jit(device=True, **INLINE)
-    def advance(at):
-        """The next ring buffer after the one at word ``at`` (unsigned: no division)."""
-        at += buffer_words
-        return at if at < ring_words else uint64(0)
+    fetch, advance, copy_offsets = make_ring(block_size, words, ring_row, threads, stages)
 
     options = {} if max_registers is None else {"max_registers": max_registers}
 
@@ -311,9 +336,7 @@ def make_kernel(
 
         first_block = start >> shift
         blocks = ((end - 1) >> shift) - first_block + 1
-        piece = 2 * (tid & (half - 1))  # this thread's first 16-byte piece of a block
-        to_ring = uint64((tid >> half_shift) * ring_row + piece)
-        to_cache = uint64(tid >> half_shift) * row_words + uint64(head_offset + piece)
+        to_ring, to_cache = copy_offsets(row_words, head_offset)
         write_at = uint64(0)
         for b in range(stages - 1):  # the first blocks of K on their way
             fetch(
