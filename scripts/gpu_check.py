@@ -42,6 +42,7 @@ from minipaged.kernels import (  # noqa: E402
     paged_attention_v2,
     paged_attention_v3,
     paged_attention_v4,
+    paged_attention_v5,
     reshape_and_cache,
     swap_blocks,
 )
@@ -126,21 +127,23 @@ ATTENTION_CONFIGS = [
         16,
         8192,
         np.float16,
-        ("v1", "v2", "v3", "v4", "dispatch", "v1@256", "v3@256", "v4@128"),
+        ("v1", "v2", "v3", "v4", "v5", "dispatch", "v1@256", "v3@256", "v4@128"),
     ),
     # (float32 rows of 512 bytes in blocks of 32: version 4's ring would need 69 KB; it declines)
     (4, 8, 2, 128, 32, 8192, np.float32, ("v1", "v2", "v3", "dispatch", "v1@256", "v2@256")),
-    (256, 32, 8, 128, 16, 1024, np.float16, ("v1", "v2", "v3", "v4", "dispatch")),
+    (256, 32, 8, 128, 16, 1024, np.float16, ("v1", "v2", "v3", "v4", "v5", "dispatch")),
     (32, 16, 16, 64, 8, 2048, np.float32, ("v1", "v2", "v3", "v4", "dispatch")),
-    (64, 16, 4, 64, 32, 1536, np.float16, ("v1", "v2", "v3", "v4", "dispatch")),
+    (64, 16, 4, 64, 32, 1536, np.float16, ("v1", "v2", "v3", "v4", "v5", "dispatch")),
     (4, 8, 4, 64, 16, 1024, np.float32, ("naive", "v1", "v2", "v3", "v4")),
     (4, 8, 4, 64, 8, 777, np.float16, ("naive", "v1", "v2", "v3", "v4")),
-    (16, 64, 8, 128, 16, 4096, np.float16, ("v2", "v3", "v4", "dispatch")),
-    (8, 32, 32, 128, 16, 2048, np.float16, ("v2", "v3", "v4", "dispatch")),
-    (4, 8, 2, 256, 16, 3000, np.float16, ("v2", "v3", "v4", "dispatch")),
-    (3, 4, 1, 32, 16, 33000, np.float16, ("v2", "v3", "v4", "dispatch")),
+    (16, 64, 8, 128, 16, 4096, np.float16, ("v2", "v3", "v4", "v5", "dispatch")),
+    (8, 32, 32, 128, 16, 2048, np.float16, ("v2", "v3", "v4", "v5", "dispatch")),
+    (4, 8, 2, 256, 16, 3000, np.float16, ("v2", "v3", "v4", "v5", "dispatch")),
+    (3, 4, 1, 32, 16, 33000, np.float16, ("v2", "v3", "v4", "v5", "dispatch")),
 ]
-QUICK_CONFIGS = [(2, 4, 2, 64, 16, 100, np.float16, ("naive", "v1", "v2", "v3", "v4", "dispatch"))]
+QUICK_CONFIGS = [
+    (2, 4, 2, 64, 16, 100, np.float16, ("naive", "v1", "v2", "v3", "v4", "v5", "dispatch"))
+]
 TINY_CONFIGS = [(2, 4, 2, 16, 4, 10, np.float16, ("naive", "v1", "v2", "v3", "v4", "dispatch"))]
 TIMING = {"reps": 5, "samples": 15, "warmup": 2}  # the simulator dry run uses 1, 1, 0
 
@@ -171,6 +174,7 @@ def check_attention(configs, results, rng) -> None:
                 "v2": paged_attention_v2,
                 "v3": paged_attention_v3,
                 "v4": paged_attention_v4,
+                "v5": lambda threads, **kw: paged_attention_v5(**kw),  # one warp a block
                 "dispatch": paged_attention,
             }[kind]
             fn(**on_device, out=out, threads=int(threads) if threads else None)

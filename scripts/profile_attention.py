@@ -1,4 +1,4 @@
-"""One decode batch through paged attention versions 2, 3 and 4, for a profiler:
+"""One decode batch through paged attention versions 2 to 5, for a profiler:
 
     ncu --section SpeedOfLight python3 scripts/profile_attention.py [SEQS CONTEXT HEADS KV_HEADS]
 
@@ -16,7 +16,7 @@ from numba import cuda
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipaged.bench import gpu  # noqa: E402
-from minipaged.kernels import attention, attention_v3, attention_v4  # noqa: E402
+from minipaged.kernels import attention, attention_v3, attention_v4, attention_v5  # noqa: E402
 
 seqs, context, heads, kv_heads = (int(x) for x in (sys.argv[1:] or [64, 4096, 32, 8]))
 a = gpu.attention_inputs(gpu.AttentionShape(seqs, context, heads, kv_heads), seed=1)
@@ -24,5 +24,6 @@ for _ in range(2):
     attention.launch_v2(a)
     attention_v3.launch_v3(a)
     attention_v4.launch_v4(a)
+    attention_v5.launch_v5(a, *attention_v5.choose_launch(seqs, kv_heads, context, 16))
 cuda.synchronize()
 print("done")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numba import config, cuda
 
-from minipaged.kernels import attention, attention_v3, attention_v4, cache_ops
+from minipaged.kernels import attention, attention_v3, attention_v4, attention_v5, cache_ops
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 ROTATE = 8  # input sets a small copy benchmark cycles through
@@ -183,9 +183,10 @@ def bench_attention(
     with_torch: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """For each shape: milliseconds of versions 2, 3 and 4 and of SDPA, the achieved bandwidth
-    of each as a share of ``copy_gbs``, and the largest differences of versions 3 and 4 from
-    version 2."""
+    """For each shape: milliseconds of versions 2 to 5 (those that serve it) and of SDPA, the
+    achieved bandwidth of each as a share of ``copy_gbs``, the largest differences of versions
+    3 to 5 from version 2, and the version ``paged_attention`` picks. Versions 2 to 4 run on
+    ``partition_size``; version 5 as ``paged_attention`` runs it (``choose_launch``)."""
     rows = []
     for i, shape in enumerate(shapes):
         if progress:
@@ -213,10 +214,20 @@ def bench_attention(
             attention_v4.launch_v4(a, partition_size)
             row["v4_vs_v2"] = max_difference(a.out, v2_out)
             row["v4_ms"] = time_ms(lambda a=a: attention_v4.launch_v4(a, partition_size), timing)
+        if attention_v5.supports(*args, partition_size) is None:
+            how = attention_v5.choose_launch(
+                shape.seqs, shape.kv_heads, shape.context, shape.block_size
+            )  # as paged_attention launches it: its own partition size for small batches
+            attention_v5.launch_v5(a, *how)
+            row["v5_vs_v2"] = max_difference(a.out, v2_out)
+            row["v5_ms"] = time_ms(lambda a=a, how=how: attention_v5.launch_v5(a, *how), timing)
+            row["v5_partition"] = how[0]
+        small = attention_v5.small_grid(shape.seqs, shape.kv_heads, shape.context)
+        row["picked"] = attention.fast_version(*args, small_grid=small)
         del a, v2_out
         if with_torch:
             row["sdpa_ms"] = sdpa_ms(shape, timing)
-        for name in ("v2", "v3", "v4", "sdpa"):
+        for name in ("v2", "v3", "v4", "v5", "sdpa"):
             ms = row.get(f"{name}_ms")
             if ms:
                 row[f"{name}_share"] = row["bytes"] / ms / 1e6 / copy_gbs
@@ -351,7 +362,7 @@ HEADS = ((32, 8), (32, 32))  # (query heads, kv heads): grouped-query and multi-
 def attention_shapes(quick: bool = False) -> list[AttentionShape]:
     """The benchmark's decode batches; ``quick`` gives tiny ones (the simulator's dry run)."""
     if quick:
-        return [AttentionShape(2, 40, 4, 2, 32, 4), AttentionShape(1, 24, 2, 2, 16, 4)]
+        return [AttentionShape(2, 40, 4, 2, 32, 4), AttentionShape(1, 24, 2, 2, 16, 16)]
     return [AttentionShape(s, c, h, kv) for h, kv in HEADS for s, c in DECODE_BATCHES]
 
 

@@ -27,8 +27,8 @@ Kernels (host wrappers validate everything before launching; see ``validate.py``
 - ``copy_blocks``: block copies within the cache, all pairs and layers in one launch;
 - ``swap_blocks``: block copies between device and (pinned) host caches;
 - ``paged_attention`` (dispatching to ``paged_attention_v1``, ``paged_attention_v2``,
-  ``paged_attention_v3`` or ``paged_attention_v4``) and ``paged_attention_naive``: decode
-  attention over the paged cache.
+  ``paged_attention_v3``, ``paged_attention_v4`` or ``paged_attention_v5``) and
+  ``paged_attention_naive``: decode attention over the paged cache.
 """
 
 from minipaged.kernels.attention import (
@@ -40,6 +40,7 @@ from minipaged.kernels.attention import (
 )
 from minipaged.kernels.attention_v3 import paged_attention_v3
 from minipaged.kernels.attention_v4 import paged_attention_v4
+from minipaged.kernels.attention_v5 import paged_attention_v5
 from minipaged.kernels.cache_ops import copy_blocks, reshape_and_cache, swap_blocks
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "paged_attention_v2",
     "paged_attention_v3",
     "paged_attention_v4",
+    "paged_attention_v5",
     "reshape_and_cache",
     "swap_blocks",
 ]

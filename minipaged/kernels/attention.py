@@ -551,6 +551,44 @@ def paged_attention_v2(
     return a.result()
 
 
+def fast_version(
+    dtype: Any,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    partition_size: int | None = None,
+    small_grid: bool = False,
+) -> str | None:
+    """The fast version ``paged_attention`` runs for this shape: ``"v5"``, ``"v4"``, ``"v3"``,
+    or None when only versions 1 and 2 serve it. ``partition_size`` None: each version's own;
+    ``small_grid``: the batch is one ``attention_v5.small_grid`` calls small.
+
+    Version 5 (tensor cores) is picked for grouped-query attention and for small batches,
+    version 4 for other multi-head attention: measured on an H200 (docs/benchmarks.md),
+    version 5 was the faster on every batch with 4 query heads per kv head and on the small
+    ones with one (its shorter partitions fill the GPU), version 4 on the large ones with one,
+    where it runs at the copy bandwidth. Then version 4 before version 3 (1.3 to 1.8 times
+    faster with grouped-query attention), and version 3 before v1 and v2 (3 to 8 times faster
+    on an H100).
+    """
+    from minipaged.kernels import attention_v3, attention_v4, attention_v5  # (built on this one)
+
+    shape = (np.dtype(dtype), num_heads, num_kv_heads, head_dim, block_size)
+    partition_size = partition_size or PARTITION_SIZE  # (v5's own choice is never longer)
+    v5_helps = num_heads > num_kv_heads or small_grid
+    if v5_helps and attention_v5.supports(*shape, partition_size) is None:
+        return "v5"
+    if attention_v4.supports(*shape, partition_size) is None:
+        return "v4"
+    if (
+        attention_v3.supports(*shape, partition_size=partition_size) is None
+        and partition_size % block_size == 0
+    ):
+        return "v3"
+    return None
+
+
 def paged_attention(
     query: Any,
     key_cache: Any,
@@ -558,37 +596,46 @@ def paged_attention(
     block_tables: Any,
     seq_lens: Any,
     scale: float,
-    partition_size: int = PARTITION_SIZE,
+    partition_size: int | None = None,
     out: Any = None,
     threads: int | None = None,
 ) -> Any:
     """Decode attention over a paged KV cache; returns ``[num_seqs, num_heads, head_dim]`` in
     query's dtype: a NumPy array when ``query`` is one, else a device array (or ``out``).
 
-    Picks version 4 (``attention_v4.py``) whenever it serves the shape and the partition size,
-    else version 3 (``attention_v3.py``): measured on an H200, version 4 was as fast as version 3
-    or faster on every batch of the benchmark, 1.3 to 1.8 times faster with grouped-query
-    attention; version 3 was 3 to 8 times faster than v2 on an H100 (docs/benchmarks.md).
-    Otherwise picks v1 or v2 with ``choose_version``; ``threads`` then applies to them. All
-    inputs are checked before anything runs: ``InvalidRequest`` for shapes, dtypes and
-    scalars, ``InvalidBlockTable`` for block ids outside the cache and lengths the block table
-    does not cover.
+    Runs ``fast_version``'s pick where there is one, else v1 or v2 by ``choose_version``
+    (``threads`` then applies to them). ``partition_size`` None lets the version choose:
+    version 5 takes shorter partitions for batches too small to fill the GPU
+    (``attention_v5.choose_launch``), the others ``PARTITION_SIZE``. All inputs are checked
+    before anything runs: ``InvalidRequest`` for shapes, dtypes and scalars,
+    ``InvalidBlockTable`` for block ids outside the cache and lengths the block table does not
+    cover.
     """
-    from minipaged.kernels import attention_v3, attention_v4  # (they build on this module)
+    from minipaged.kernels import attention_v3, attention_v4, attention_v5
 
-    v.check_int("partition_size", partition_size, 1, V1_MAX_CONTEXT)
+    if partition_size is not None:
+        v.check_int("partition_size", partition_size, 1, V1_MAX_CONTEXT)
     a = prepare_attention(
         query, key_cache, value_cache, block_tables, seq_lens, scale, out, threads
     )
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
-    shape = (np.dtype(a.key_cache.dtype), num_heads, kv_heads, head_dim, block_size)
-    if attention_v4.supports(*shape, partition_size) is None:
+    small = partition_size is None and attention_v5.small_grid(num_seqs, kv_heads, a.max_seq_len)
+    version = fast_version(
+        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, small
+    )
+    if version == "v5":
+        if partition_size is None:
+            attention_v5.launch_v5(
+                a, *attention_v5.choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size)
+            )
+        else:
+            attention_v5.launch_v5(a, partition_size)
+        return a.result()
+    partition_size = partition_size or PARTITION_SIZE
+    if version == "v4":
         attention_v4.launch_v4(a, partition_size)
-    elif (
-        attention_v3.supports(*shape, partition_size=partition_size) is None
-        and partition_size % block_size == 0
-    ):
+    elif version == "v3":
         attention_v3.launch_v3(a, partition_size)
     elif choose_version(a.max_seq_len, partition_size) == "v1":
         launch_v1(a)

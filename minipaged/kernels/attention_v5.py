@@ -1,0 +1,670 @@
+"""Paged decode attention, version 5: the products run on tensor cores.
+
+Version 4 brought the cache into shared memory fast enough; what limits it with grouped-query
+attention is instruction issue (docs/benchmarks.md). Every K or V value is widened from float16
+and then takes ``group`` scalar multiply-adds, one per query head that shares it, and a thread
+block of 64 threads spends most of its cycles issuing them.
+
+A tensor core does a whole small matrix product in one warp-wide instruction. PTX's
+``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`` takes a 16 x 16 float16 matrix A, a
+16 x 8 float16 matrix B and a 16 x 8 float32 matrix C, spread over the 32 lanes of a warp, and
+returns ``D = A @ B + C`` in float32 (products of float16 values are exact in float32). Each
+lane holds 8 values of A, 4 of B and 4 of C and D, in the places ``fragment_a``, ``fragment_b``
+and ``fragment_c`` give: lane ``l`` is in row group ``g = l // 4`` at position ``t = l % 4``.
+
+Decode attention is two such products per block of 16 tokens, for one kv head:
+
+* **logits**: ``S[token, head] = K[token, :] . Q[head, :]``: A is 16 tokens' K rows
+  (16 dimensions at a time), B is the group's queries, one column per query head (up to 8:
+  grouped-query attention fills the columns that plain multi-head attention leaves empty). A
+  row of K is whole in one lane pair's registers, so A comes from shared memory in 32-bit words.
+* **weighted sum of V**: ``O[head, dim] += P[head, token] V[token, dim]``, computed transposed:
+  A is V transposed (16 dimensions by 16 tokens), B the probabilities ``P`` of the same 16
+  tokens, one column per head. Here a lane needs two tokens' values of one dimension in a
+  register, so it loads them as two 16-bit halves and packs them.
+
+So per 16 tokens and 128 dimensions a warp issues 16 ``mma`` instructions where version 4 issues
+8,192 multiply-adds for 4 heads. The probabilities go into the product as float16 (as vLLM's and
+FlashAttention's kernels do); the sums of the softmax are taken over the same rounded values,
+so each output is still a weighted mean of V rows.
+
+The rest is version 4's: the ring of shared-memory buffers fed by ``cp.async``
+(``attention_v4.make_ring``), logits in shared memory, the softmax within the partition, version
+2's reduction. A thread block is one warp: the whole block's work is the warp's products.
+
+One more care: slots of the sequence's last block that lie past its end hold whatever was there
+before, possibly NaN. A zero probability times NaN is NaN, so those V rows are zeroed in the
+ring before the product (K rows need nothing: a garbage K row spoils only its own logit, which
+is never used).
+
+Numba's CUDA simulator runs no PTX: there ``_mma`` gathers the warp's fragments through shared
+memory and multiplies them with NumPy, following the same fragment maps.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+from numba import config, cuda, float32, uint16, uint32, uint64
+
+from minipaged.errors import InvalidRequest
+from minipaged.kernels import attention as v2
+from minipaged.kernels import attention_v3 as v3
+from minipaged.kernels import attention_v4 as v4
+from minipaged.kernels import validate as v
+
+WARP = 32  # a thread block is one warp
+STAGES = 3
+TILE = 16  # tokens of one product (the M of m16n8k16); blocks hold whole tiles
+MAX_GROUP = 8  # query heads per kv head: the N of m16n8k16
+PAD_WORDS = 2  # 8-byte words after each ring row: the 8 rows of a fragment load hit 8 bank sets
+POSTED = 6 * WARP if config.ENABLE_CUDASIM else 0  # the simulator's meeting place for _mma
+NEG_INF = v3.NEG_INF
+INLINE = v3.INLINE
+
+
+# --- where a lane's values sit in the matrices ---------------------------------------------------
+
+
+def fragment_a(lane: int, i: int) -> tuple[int, int]:
+    """(row, column) in the 16 x 16 A of value ``i`` (0..7) of ``lane``: register ``i // 2``,
+    its low half for even ``i``. Registers 0 and 2 hold row ``g``, 1 and 3 row ``g + 8``;
+    registers 2 and 3 hold the right half of the columns."""
+    g, t = lane >> 2, lane & 3
+    reg, half = i >> 1, i & 1
+    return g + 8 * (reg & 1), 2 * t + half + 8 * (reg >> 1)
+
+
+def fragment_b(lane: int, i: int) -> tuple[int, int]:
+    """(row, column) in the 16 x 8 B of value ``i`` (0..3) of ``lane``: column ``g``, two rows
+    per register, register 1 eight rows further."""
+    g, t = lane >> 2, lane & 3
+    reg, half = i >> 1, i & 1
+    return 2 * t + half + 8 * reg, g
+
+
+def fragment_c(lane: int, i: int) -> tuple[int, int]:
+    """(row, column) in the 16 x 8 C and D of value ``i`` (0..3) of ``lane``."""
+    g, t = lane >> 2, lane & 3
+    return g + 8 * (i >> 1), 2 * t + (i & 1)
+
+
+_A_MAP = np.array([[fragment_a(lane, i) for i in range(8)] for lane in range(WARP)])
+_B_MAP = np.array([[fragment_b(lane, i) for i in range(4)] for lane in range(WARP)])
+
+
+# --- the product and the packing of halves -------------------------------------------------------
+
+if config.ENABLE_CUDASIM:
+
+    @cuda.jit(device=True)
+    def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, posted):
+        """Simulator: every lane posts its registers in ``posted`` (shared memory, ``6 * WARP``
+        words a warp), then each computes its four values of ``A @ B + C`` from everyone's.
+        Every lane of the warp calls it, as on the GPU."""
+        lane = cuda.threadIdx.x % WARP
+        mine = posted[(cuda.threadIdx.x - lane) * 6 :][: 6 * WARP]
+        mine[6 * lane : 6 * lane + 6] = (a0, a1, a2, a3, b0, b1)
+        cuda.syncthreads()
+        halves = mine.copy().view(np.float16).astype(np.float64).reshape(WARP, 12)
+        cuda.syncthreads()
+        a = np.zeros((16, 16))
+        b = np.zeros((16, 8))
+        a[_A_MAP[:, :, 0], _A_MAP[:, :, 1]] = halves[:, :8]
+        b[_B_MAP[:, :, 0], _B_MAP[:, :, 1]] = halves[:, 8:]
+        d = []
+        for i, c in enumerate((c0, c1, c2, c3)):
+            row, col = fragment_c(lane, i)
+            d.append(np.float32(c + np.float32(a[row] @ b[:, col])))
+        return d[0], d[1], d[2], d[3]
+
+    def _pack_f16(lo, hi):  # noqa: ANN001, ANN202
+        """Simulator: two floats as one register of two float16 halves (``lo`` in the low one)."""
+        return np.array([lo, hi], np.float16).view(np.uint32)[0]
+
+    def _round_f16(x):  # noqa: ANN001, ANN202
+        """Simulator: ``x`` rounded to the nearest float16."""
+        return np.float32(np.float16(x))
+
+else:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    _F32, _I32, _F16 = ir.FloatType(), ir.IntType(32), ir.HalfType()
+
+    @intrinsic
+    def _mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, posted):  # noqa: ANN001, ANN202
+        """``D = A @ B + C`` for the warp: one ``mma.sync`` (every lane must call it).
+        ``posted`` is the simulator's; here the registers meet inside the tensor core."""
+        floats = [types.float32] * 4
+        sig = types.UniTuple(types.float32, 4)(*([types.uint32] * 6 + floats + [posted]))
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(ir.LiteralStructType([_F32] * 4), [_I32] * 6 + [_F32] * 4)
+            d = builder.asm(
+                fn,
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                ",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4),
+                args[:10],
+                True,
+            )
+            values = [builder.extract_value(d, i) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, values)
+
+        return sig, codegen
+
+    @intrinsic
+    def _pack_f16(typingctx, lo, hi):  # noqa: ANN001, ANN202
+        """Two floats rounded to float16 and packed into one register, ``lo`` in the low half."""
+        sig = types.uint32(types.float32, types.float32)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            pair = ir.Constant(ir.VectorType(_F16, 2), None)
+            for i, x in enumerate(args):
+                pair = builder.insert_element(pair, builder.fptrunc(x, _F16), ir.Constant(_I32, i))
+            return builder.bitcast(pair, _I32)
+
+        return sig, codegen
+
+    @intrinsic
+    def _round_f16(typingctx, x):  # noqa: ANN001, ANN202
+        """``x`` rounded to the nearest float16 (and widened back)."""
+        sig = types.float32(types.float32)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            return builder.fpext(builder.fptrunc(args[0], _F16), _F32)
+
+        return sig, codegen
+
+
+@cuda.jit(device=True, **INLINE)
+def _pair(lo, hi):
+    """Two 16-bit values in one register, ``lo`` in the low half."""
+    return uint32(lo) | (uint32(hi) << uint32(16))
+
+
+# --- the kernel -----------------------------------------------------------------------------------
+
+
+def shared_bytes(
+    group: int, head_dim: int, block_size: int, partition_size: int, stages: int
+) -> int:
+    """Dynamic shared memory of one thread block: ``[ring | logits | red | posted]``."""
+    ring = 2 * stages * block_size * (head_dim // 4 + PAD_WORDS)  # in 32-bit words
+    return 4 * (ring + group * (partition_size + WARP) + POSTED)
+
+
+@functools.cache
+def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES) -> Any:
+    """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
+    values, blocks of ``block_size`` tokens and a ring of ``stages`` buffers, all constants of
+    the compiled code."""
+    words = head_dim // 4  # 8-byte words of a row
+    ring_row = words + PAD_WORDS  # ring row, in 8-byte words
+    row32, row16 = 2 * ring_row, 4 * ring_row  # the same in 32- and 16-bit units
+    chunks = head_dim // 16  # k steps of the logits' product, m tiles of V's
+    q_regs, acc_size = 2 * chunks, 4 * chunks  # (local array sizes must be plain constants)
+    tiles = block_size // TILE
+    shift = block_size.bit_length() - 1
+    r16, r16x8, r16x9, eight = (np.uint64(x) for x in (row16, 8 * row16, 9 * row16, 8))
+    ring_floats = 2 * stages * block_size * ring_row
+    fetch, advance, copy_offsets = v4.make_ring(block_size, words, ring_row, WARP, stages)
+
+    @cuda.jit(device=True, **INLINE)
+    def fetch_item(
+        ring,
+        at,
+        key_words,
+        value_words,
+        table,
+        first_block,
+        blocks,
+        j,
+        row_words,
+        to_ring,
+        to_cache,
+    ):
+        """Start copying item ``j`` of the partition's one stream through the ring: its K
+        blocks, then its V blocks (an empty group past them). One stream, not two: the last
+        turns of the logits already fetch V's first blocks, so the ring never runs dry
+        between the two products."""
+        if j < blocks:
+            fetch(ring, at, key_words, table, first_block + j, row_words, to_ring, to_cache, True)
+        else:
+            j -= blocks
+            fetch(ring, at, value_words, table, first_block + j, row_words, to_ring, to_cache,
+                  j < blocks)  # fmt: skip
+
+    wait = v4._wait_for(stages - 2)
+    _block_reduce = v3._block_reduce
+
+    @cuda.jit
+    def paged_attention_v5_kernel(
+        partial_out,
+        max_logits,
+        exp_sums,
+        query_words,
+        key_words,
+        value_words,
+        block_tables,
+        seq_lens,
+        scale,
+        partition_size,
+    ):
+        """Grid ``(num_kv_heads, num_seqs, num_partitions)``, one warp per block; writes what
+        version 2's partition kernel writes, for the ``group`` query heads of kv head
+        ``blockIdx.x``."""
+        kv_head = cuda.blockIdx.x
+        seq = cuda.blockIdx.y
+        part = cuda.blockIdx.z
+        lane = cuda.threadIdx.x
+        seq_len = seq_lens[seq]
+        start = part * partition_size
+        if start >= seq_len:
+            return
+        end = min(start + partition_size, seq_len)
+        num_heads = partial_out.shape[1]
+        row_words = uint64(num_heads // group * words)
+        table = block_tables[seq]
+
+        ring = cuda.shared.array(0, uint64)  # the same memory, seen in 8-, 4- and 2-byte units
+        ring32 = cuda.shared.array(0, uint32)
+        ring16 = cuda.shared.array(0, uint16)
+        smem = cuda.shared.array(0, float32)
+        logits = smem[ring_floats : ring_floats + group * partition_size]  # [token, head]
+        red = smem[
+            ring_floats + group * partition_size : ring_floats + group * (partition_size + WARP)
+        ]
+        posted = ring32[ring_floats + group * (partition_size + WARP) :]
+
+        first_block = start >> shift
+        blocks = ((end - 1) >> shift) - first_block + 1
+        to_ring, to_cache = copy_offsets(row_words, kv_head * words)
+        write_at = uint64(0)
+        for j in range(stages - 1):  # the first blocks of K on their way
+            fetch_item(
+                ring,
+                write_at,
+                key_words,
+                value_words,
+                table,
+                first_block,
+                blocks,
+                j,
+                row_words,
+                to_ring,
+                to_cache,
+            )
+            write_at = advance(write_at)
+
+        # this lane's place in the fragments: row group g, position t
+        g = lane >> 2
+        t = lane & 3
+        mine = g < group  # lanes of row groups past the heads hold zeros of B
+
+        # B of the logits: query head g's values 16 c + 2 t, + 1 and 16 c + 8 + 2 t, + 1
+        qb = cuda.local.array(q_regs, uint32)
+        q_at = uint64(((seq * num_heads + kv_head * group + (g if mine else 0)) * head_dim) // 2)
+        for c in range(chunks):
+            for h in range(2):
+                qb[2 * c + h] = query_words[q_at + uint64(8 * c + 4 * h + t)] if mine else 0
+
+        # 1. logits, 16 tokens at a time; lane (g, t) gets tokens g and g + 8, heads 2t and 2t+1
+        s = cuda.local.array(4, float32)
+        top = cuda.local.array(2, float32)  # largest logit of heads 2t and 2t + 1
+        top[0] = NEG_INF
+        top[1] = NEG_INF
+        here = uint64(0)
+        for b in range(blocks):
+            wait()
+            cuda.syncthreads()
+            fetch_item(
+                ring,
+                write_at,
+                key_words,
+                value_words,
+                table,
+                first_block,
+                blocks,
+                b + stages - 1,
+                row_words,
+                to_ring,
+                to_cache,
+            )
+            write_at = advance(write_at)
+            t0 = (first_block + b) << shift
+            here32 = here + here
+            for tile in range(tiles):
+                for i in range(4):
+                    s[i] = float32(0.0)
+                at = here32 + uint64((tile * TILE + g) * row32 + t)
+                for c in range(chunks):
+                    s[0], s[1], s[2], s[3] = _mma(
+                        ring32[at + uint64(8 * c)],
+                        ring32[at + uint64(8 * row32 + 8 * c)],
+                        ring32[at + uint64(8 * c + 4)],
+                        ring32[at + uint64(8 * row32 + 8 * c + 4)],
+                        qb[2 * c],
+                        qb[2 * c + 1],
+                        s[0],
+                        s[1],
+                        s[2],
+                        s[3],
+                        posted,
+                    )
+                for i in range(4):
+                    token = t0 + tile * TILE + g + 8 * (i >> 1)
+                    head = 2 * t + (i & 1)
+                    if token < end and head < group:
+                        x = s[i] * scale
+                        logits[uint64((token - start) * group + head)] = x
+                        top[i & 1] = max(top[i & 1], x)
+            here = advance(here)
+        stat = cuda.local.array(group, float32)  # per head: the maximum, later the sum
+        for h in range(group):
+            stat[h] = top[0] if h == 2 * t else (top[1] if h == 2 * t + 1 else NEG_INF)
+        _block_reduce(red, stat, group, True)  # (V's first blocks are landing meanwhile)
+        m = cuda.local.array(group, float32)
+        for h in range(group):
+            m[h] = stat[h]
+            stat[h] = float32(0.0)
+        for i in range(lane, end - start, WARP):
+            for h in range(group):
+                x = _round_f16(math.exp(logits[i * group + h] - m[h]))  # as the product sees it
+                logits[i * group + h] = x
+                stat[h] += x
+        _block_reduce(red, stat, group, False)
+
+        # 2. weighted sum of V: lane (g, t) adds up dimensions 16 c + g and 16 c + g + 8 of
+        # heads 2t and 2t + 1
+        acc = cuda.local.array(acc_size, float32)
+        for i in range(acc_size):
+            acc[i] = float32(0.0)
+        for b in range(blocks):  # the ring goes on where the logits left it
+            wait()
+            cuda.syncthreads()
+            fetch_item(
+                ring,
+                write_at,
+                key_words,
+                value_words,
+                table,
+                first_block,
+                blocks,
+                blocks + b + stages - 1,
+                row_words,
+                to_ring,
+                to_cache,
+            )
+            write_at = advance(write_at)
+            t0 = (first_block + b) << shift
+            here32 = here + here
+            if end - t0 < block_size:  # the sequence's last block: zero the rows past its end
+                past = here32 + uint64((end - t0) * row32)
+                for i in range(lane, (block_size - (end - t0)) * row32, WARP):
+                    ring32[past + uint64(i)] = 0
+                cuda.syncthreads()
+            for tile in range(tiles):
+                # B: probabilities of head g for tokens 2t, 2t + 1 and 2t + 8, 2t + 9
+                p = cuda.local.array(4, float32)
+                for i in range(4):
+                    token = t0 + tile * TILE + 2 * t + (i & 1) + 8 * (i >> 1)
+                    ok = mine and token < end
+                    p[i] = logits[uint64((token - start) * group + g)] if ok else float32(0.0)
+                b0 = _pack_f16(p[0], p[1])
+                b1 = _pack_f16(p[2], p[3])
+                at = here32 + here32 + uint64((tile * TILE + 2 * t) * row16 + g)
+                for c in range(chunks):
+                    d = at + uint64(16 * c)  # V[token 2t, dim 16 c + g]
+                    e = d + eight  # V[token 2t, dim 16 c + g + 8]
+                    acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3] = _mma(
+                        _pair(ring16[d], ring16[d + r16]),
+                        _pair(ring16[e], ring16[e + r16]),
+                        _pair(ring16[d + r16x8], ring16[d + r16x9]),
+                        _pair(ring16[e + r16x8], ring16[e + r16x9]),
+                        b0,
+                        b1,
+                        acc[4 * c],
+                        acc[4 * c + 1],
+                        acc[4 * c + 2],
+                        acc[4 * c + 3],
+                        posted,
+                    )
+            here = advance(here)
+        inv = cuda.local.array(2, float32)  # 1 / sum of heads 2t and 2t + 1
+        for h in range(group):
+            if h == 2 * t:
+                inv[0] = float32(1.0) / stat[h]
+            if h == 2 * t + 1:
+                inv[1] = float32(1.0) / stat[h]
+        for c in range(chunks):
+            for i in range(4):
+                head = 2 * t + (i & 1)
+                if head < group:
+                    dim = 16 * c + g + 8 * (i >> 1)
+                    partial_out[seq, kv_head * group + head, part, dim] = (
+                        acc[4 * c + i] * inv[i & 1]
+                    )
+        for h in range(group):  # (constant indices keep m and stat in registers)
+            if lane == h:
+                max_logits[seq, kv_head * group + h, part] = m[h]
+                exp_sums[seq, kv_head * group + h, part] = stat[h]
+
+    return paged_attention_v5_kernel
+
+
+# --- merging many partitions ----------------------------------------------------------------------
+
+MERGE_THREADS = 32 if config.ENABLE_CUDASIM else 256
+MERGE_UNROLL = 4  # partitions whose partial outputs a thread loads before adding any
+
+
+@cuda.jit
+def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
+    """Version 2's reduction for many partitions. Grid ``(num_heads, num_seqs)``, ``blockDim.x``
+    a power of two; dynamic shared memory: ``max(blockDim.x, head_dim)`` float32 of scratch and
+    one float32 weight per partition.
+
+    Version 2's reduction gives each thread one dimension and walks every partition for it, one
+    dependent load after another. That is cheap for a few partitions; a long context cut into
+    many (a small batch needs many to fill the GPU) makes it a long chain. Here the weights
+    ``w_p = l_p exp(m_p - M)`` are computed once, by all threads, into shared memory; then
+    ``slices = blockDim.x // head_dim`` threads share each dimension's partitions, each with
+    ``MERGE_UNROLL`` loads in flight, and their sums are added at the end. The same sum as
+    version 2's, in another order."""
+    head = cuda.blockIdx.x
+    seq = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    head_dim = out.shape[2]
+    parts = (seq_lens[seq] + partition_size - 1) // partition_size
+    shared = cuda.shared.array(0, float32)
+    scratch = shared[: max(threads, head_dim)]
+    weights = shared[max(threads, head_dim) :]
+    local = NEG_INF
+    for p in range(tid, parts, threads):
+        local = max(local, max_logits[seq, head, p])
+    top = v2._block_max(scratch, local)
+    local = float32(0.0)
+    for p in range(tid, parts, threads):
+        w = exp_sums[seq, head, p] * math.exp(max_logits[seq, head, p] - top)
+        weights[p] = w
+        local += w
+    total = v2._block_sum(scratch, local)  # (its first barrier also publishes the weights)
+    slices = max(1, threads // head_dim)
+    stride = slices * MERGE_UNROLL
+    for i in range(tid, slices * head_dim, threads):
+        d = i % head_dim
+        p = i // head_dim  # this thread's slice: partitions p, p + slices, ...
+        acc = float32(0.0)
+        while p + stride <= parts:
+            for u in range(MERGE_UNROLL):
+                acc += weights[p + u * slices] * partial_out[seq, head, p + u * slices, d]
+            p += stride
+        while p < parts:
+            acc += weights[p] * partial_out[seq, head, p, d]
+            p += slices
+        scratch[i] = acc
+    cuda.syncthreads()
+    for d in range(tid, head_dim, threads):
+        acc = float32(0.0)
+        for k in range(slices):
+            acc += scratch[k * head_dim + d]
+        out[seq, head, d] = acc / total
+
+
+def merge_partitions(a: v2.AttentionArgs, partition_size: int, threads: int | None) -> None:
+    """Combine the partitions in ``a``'s workspace into ``a.out``: with
+    ``merge_partitions_kernel`` on ``threads`` threads, or with version 2's reduction when
+    ``threads`` is None."""
+    num_seqs, num_heads, head_dim = a.shape
+    partial_out, max_logits, exp_sums = a.workspace(partition_size)
+    if threads is None:
+        v2.paged_attention_v2_reduce_kernel[(num_heads, num_seqs), a.threads](
+            a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
+        )
+        return
+    shared = 4 * (max(threads, head_dim) + partial_out.shape[2])
+    merge_partitions_kernel[(num_heads, num_seqs), threads, 0, shared](
+        a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
+    )
+
+
+# --- host side -----------------------------------------------------------------------------------
+
+
+def supports(
+    dtype: Any,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    partition_size: int = v3.PARTITION_SIZE,
+    stages: int = STAGES,
+) -> str | None:
+    """None when version 5 can run this shape, else the reason it cannot: float16 (the tensor
+    cores' input here), at most 8 query heads per kv head (the product's 8 columns), head_dim a
+    multiple of 16 and blocks of whole 16-token tiles (its other two sides), partitions of whole
+    blocks, at least 2 stages, shared memory within the 48 KB a launch gets by default."""
+    if np.dtype(dtype) != np.float16:
+        return f"dtype {np.dtype(dtype)}: version 5 multiplies float16 on tensor cores"
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
+        return (
+            f"{num_heads} query heads over {num_kv_heads} kv heads: version 5 serves groups of "
+            f"at most {MAX_GROUP} query heads per kv head"
+        )
+    if head_dim % 16 or head_dim > v2.MAX_HEAD_DIM:
+        return f"head_dim = {head_dim} is not a multiple of 16 up to {v2.MAX_HEAD_DIM}"
+    if block_size % TILE or block_size & (block_size - 1):
+        return f"block_size = {block_size} is not a power of two holding whole {TILE}-token tiles"
+    if partition_size % block_size:
+        return (
+            f"partition_size = {partition_size} is not a multiple of block_size = {block_size} "
+            "(version 5 walks partitions block by block)"
+        )
+    if stages < 2:
+        return f"stages = {stages}: the ring needs at least 2 buffers"
+    need = shared_bytes(num_heads // num_kv_heads, head_dim, block_size, partition_size, stages)
+    if need > v2.SHARED_BYTES:
+        return f"{need} bytes of shared memory per thread block, more than {v2.SHARED_BYTES}"
+    return None
+
+
+SMALL_GRID = 4096  # thread blocks (at 512-token partitions) below which a batch is "small"
+SMALL_GRID_PARTITION = 256
+SMALL_GRID_STAGES = 4
+SMALL_GRID_MERGE = 32 if config.ENABLE_CUDASIM else 512
+
+
+def small_grid(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> bool:
+    """Whether a batch has fewer than ``SMALL_GRID`` thread blocks at 512-token partitions."""
+    return num_seqs * num_kv_heads * -(-max_seq_len // v3.PARTITION_SIZE) < SMALL_GRID
+
+
+def choose_launch(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int
+) -> tuple[int, int, int | None]:
+    """``(partition_size, stages, merge_threads)`` for a batch: the defaults, or for a batch
+    whose grid at 512-token partitions has fewer than ``SMALL_GRID`` thread blocks, 256-token
+    partitions (twice the blocks), a ring of 4 and ``merge_partitions_kernel``.
+
+    Why: a thread block is one warp, and an SM holds about 10 of them; a grid of a few waves
+    leaves SMs idle in its last one, and one under a wave cannot fill them at all. Measured on
+    an H200 (docs/benchmarks.md, 32 query heads over 8 kv heads): 1 x 32k went from 44% to 54%
+    of the copy bandwidth, 8 x 16k from 73% to 75%; 64 x 4096 (4,096 blocks) stays at 512,
+    where shorter partitions were slower."""
+    if not small_grid(num_seqs, num_kv_heads, max_seq_len):
+        return v3.PARTITION_SIZE, STAGES, None
+    partition = max(SMALL_GRID_PARTITION, block_size)
+    return partition, SMALL_GRID_STAGES, SMALL_GRID_MERGE
+
+
+def launch_v5(
+    a: v2.AttentionArgs,
+    partition_size: int = v3.PARTITION_SIZE,
+    stages: int = STAGES,
+    merge_threads: int | None = None,
+) -> None:
+    """Launch version 5 on checked inputs: its partition kernel, then ``merge_partitions``
+    (``merge_threads`` None: version 2's reduction)."""
+    num_seqs, num_heads, head_dim = a.shape
+    _, block_size, kv_heads, _ = a.key_cache.shape
+    partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
+    stages = v.check_int("stages", stages, 1, 16)
+    if merge_threads is not None:
+        merge_threads = v.check_int("merge_threads", merge_threads, 1, 1024)
+        if merge_threads & (merge_threads - 1):
+            raise InvalidRequest(f"merge_threads must be a power of two, got {merge_threads}")
+    reason = supports(
+        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, stages
+    )
+    if reason:
+        raise InvalidRequest(reason)
+    for name, cache in (("key_cache", a.key_cache), ("value_cache", a.value_cache)):
+        address = v4._address(cache)
+        if address % 16:
+            raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
+    group = num_heads // kv_heads
+    partial_out, max_logits, exp_sums = a.workspace(partition_size)
+    parts = partial_out.shape[2]
+    shared = shared_bytes(group, head_dim, block_size, partition_size, stages)
+    kernel = make_kernel(group, head_dim, block_size, stages)
+    kernel[(kv_heads, num_seqs, parts), WARP, 0, shared](
+        partial_out,
+        max_logits,
+        exp_sums,
+        a.query.reshape(a.query.size).view(np.uint32),
+        v3._flat_words(a.key_cache),
+        v3._flat_words(a.value_cache),
+        a.block_tables,
+        a.seq_lens,
+        a.scale,
+        partition_size,
+    )
+    merge_partitions(a, partition_size, merge_threads)
+
+
+def paged_attention_v5(
+    query: Any,
+    key_cache: Any,
+    value_cache: Any,
+    block_tables: Any,
+    seq_lens: Any,
+    scale: float,
+    partition_size: int = v3.PARTITION_SIZE,
+    out: Any = None,
+    stages: int = STAGES,
+    merge_threads: int | None = None,
+) -> Any:
+    """Version 5 (version 4's ring, products on tensor cores). Arguments as for
+    ``paged_attention``, and ``launch_v5``'s; ``InvalidRequest`` for a shape ``supports``
+    refuses."""
+    v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
+    a = v2.prepare_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, out)
+    launch_v5(a, partition_size, stages, merge_threads)
+    return a.result()

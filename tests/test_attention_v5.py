@@ -1,0 +1,244 @@
+"""Paged attention version 5 (tensor cores) against the NumPy reference, in the CUDA simulator
+(MINIPAGED_GPU=1 runs the same tests on a GPU, where ``_mma`` is the real ``mma.sync``).
+
+First the product itself: the fragment maps place every value of A, B and C exactly once, and
+one warp-wide ``_mma`` over fragments laid out by those maps gives ``A @ B + C``. On a GPU that
+checks the maps against the hardware; in the simulator, the emulation against NumPy. Then the
+kernel on shapes drawn by Hypothesis: several thread blocks, partitions and ring refills, a
+partly filled last block whose unused slots hold NaN, and 1 to 8 query heads per kv head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import cuda, float32, uint32
+from test_attention_v4 import close, expected, quick_thread_switches, random_tables  # noqa: F401
+
+from minipaged.errors import InvalidRequest
+from minipaged.kernels import attention, attention_v4, attention_v5
+from minipaged.kernels.attention_v5 import (
+    WARP,
+    fragment_a,
+    fragment_b,
+    fragment_c,
+    paged_attention_v5,
+    supports,
+)
+
+
+def test_fragment_maps_place_every_value_once() -> None:
+    for fragment, rows, cols, per_lane in ((fragment_a, 16, 16, 8), (fragment_b, 16, 8, 4),
+                                           (fragment_c, 16, 8, 4)):  # fmt: skip
+        seen = sorted(fragment(lane, i) for lane in range(WARP) for i in range(per_lane))
+        assert seen == [(r, c) for r in range(rows) for c in range(cols)]
+
+
+@cuda.jit
+def mma_kernel(a_regs, b_regs, c, d):
+    lane = cuda.threadIdx.x
+    d[lane, 0], d[lane, 1], d[lane, 2], d[lane, 3] = attention_v5._mma(
+        a_regs[lane, 0],
+        a_regs[lane, 1],
+        a_regs[lane, 2],
+        a_regs[lane, 3],
+        b_regs[lane, 0],
+        b_regs[lane, 1],
+        float32(c[lane, 0]),
+        float32(c[lane, 1]),
+        float32(c[lane, 2]),
+        float32(c[lane, 3]),
+        cuda.shared.array(0, uint32),
+    )
+
+
+def lane_values(matrix: np.ndarray, fragment, per_lane: int) -> np.ndarray:  # noqa: ANN001
+    """``matrix``'s values as the lanes hold them: ``[lane, i]``."""
+    return np.array([[matrix[fragment(lane, i)] for i in range(per_lane)] for lane in range(WARP)])
+
+
+def test_mma_multiplies_fragments_laid_out_by_the_maps() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((16, 16)).astype(np.float16)
+    b = rng.standard_normal((16, 8)).astype(np.float16)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    a_regs = lane_values(a, fragment_a, 8).view(np.uint32)  # two halves a register, low first
+    b_regs = lane_values(b, fragment_b, 4).view(np.uint32)
+    d_lanes = cuda.to_device(np.full((WARP, 4), np.nan, np.float32))
+    mma_kernel[1, WARP, 0, 4 * 6 * WARP](a_regs, b_regs, lane_values(c, fragment_c, 4), d_lanes)
+    d = np.empty((16, 8))
+    for lane, values in enumerate(d_lanes.copy_to_host()):
+        for i, x in enumerate(values):
+            d[fragment_c(lane, i)] = x
+    want = a.astype(np.float64) @ b.astype(np.float64) + c
+    np.testing.assert_allclose(d, want, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def cases(draw):
+    """(args, partition_size, stages, merge_threads) for one launch version 5 supports; the
+    slots of every sequence's last block past its end hold NaN (a kernel must never let them
+    reach a sum)."""
+    head_dim = draw(st.sampled_from([16, 32]))
+    group = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    kv_heads = draw(st.integers(1, 2))
+    block_size = draw(st.sampled_from([16, 32]))
+    partition = block_size * draw(st.integers(1, 2))
+    stages = draw(st.integers(2, 4))
+    lens = draw(st.lists(st.integers(1, 72), min_size=1, max_size=2))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    tables, num_blocks = random_tables(rng, lens, block_size)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = rng.standard_normal(shape).astype(np.float16)
+    value_cache = rng.standard_normal(shape).astype(np.float16)
+    for s, n in enumerate(lens):
+        last = tables[s, (n - 1) // block_size]
+        key_cache[last, (n - 1) % block_size + 1 :] = np.nan
+        value_cache[last, (n - 1) % block_size + 1 :] = np.nan
+    args = (
+        rng.standard_normal((len(lens), group * kv_heads, head_dim)).astype(np.float16),
+        key_cache,
+        value_cache,
+        tables,
+        np.array(lens, np.int32),
+        draw(st.sampled_from([head_dim**-0.5, 2.0])),
+    )
+    return args, partition, stages, draw(st.sampled_from([None, 16, 32, 64]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(cases())
+def test_v5_matches_reference(case: tuple) -> None:
+    args, partition, stages, merge_threads = case
+    a = attention.prepare_attention(
+        *args, out=cuda.to_device(np.full(args[0].shape, np.nan, args[0].dtype))
+    )
+    attention_v5.launch_v5(a, partition, stages, merge_threads)
+    close(a.out.copy_to_host(), expected(args), np.float16)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 400), min_size=1, max_size=2),
+    head_dim=st.sampled_from([4, 8, 16]),
+    threads=st.sampled_from([4, 8, 16, 32, 64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_merge_partitions_matches_the_formula(
+    lens: list[int], head_dim: int, threads: int, seed: int
+) -> None:
+    """``out = sum_p w_p o_p / sum_p w_p`` with ``w_p = l_p exp(m_p - max_p m_p)``, over the
+    partitions each sequence has (up to 50 of 8 tokens: the unrolled loads and the tail); what
+    lies past them in the workspace is NaN and must not be read."""
+    rng = np.random.default_rng(seed)
+    partition, heads = 8, 2
+    parts = -(-max(lens) // partition)
+    partial = rng.standard_normal((len(lens), heads, parts, head_dim)).astype(np.float32)
+    logits = (3 * rng.standard_normal((len(lens), heads, parts))).astype(np.float32)
+    sums = rng.uniform(0.5, 8, (len(lens), heads, parts)).astype(np.float32)
+    want = np.empty((len(lens), heads, head_dim))
+    for s, n in enumerate(lens):
+        used = -(-n // partition)
+        for array in (partial, logits, sums):
+            array[s, :, used:] = np.nan
+        w = sums[s, :, :used] * np.exp(
+            logits[s, :, :used] - logits[s, :, :used].max(1, keepdims=True)
+        )
+        want[s] = (w[:, :, None] * partial[s, :, :used]).sum(1) / w.sum(1)[:, None]
+    out = cuda.to_device(np.full((len(lens), heads, head_dim), np.nan, np.float32))
+    merge_args = (out, cuda.to_device(partial), cuda.to_device(logits), cuda.to_device(sums))
+    shared = 4 * (max(threads, head_dim) + parts)
+    attention_v5.merge_partitions_kernel[(heads, len(lens)), threads, 0, shared](
+        *merge_args, cuda.to_device(np.array(lens, np.int32)), partition
+    )
+    np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-5, atol=1e-5)
+
+
+def small_args(block_size: int = 16, head_dim: int = 16) -> tuple:
+    rng = np.random.default_rng(5)
+    shape = (3, block_size, 1, head_dim)
+    return (
+        rng.standard_normal((1, 4, head_dim)).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        np.array([[2, 0]], np.int32),
+        np.array([2 * block_size - 3], np.int32),
+        0.25,
+    )
+
+
+def test_v5_wrapper_takes_and_returns_host_arrays() -> None:
+    args = small_args()
+    out = paged_attention_v5(*args, partition_size=16)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float16
+    close(out, expected(args), np.float16)
+
+
+def test_supports_names_the_reason() -> None:
+    assert supports(np.float16, 32, 8, 128, 16) is None
+    assert supports(np.float16, 32, 32, 128, 16) is None
+    assert supports(np.float16, 64, 8, 128, 32) is None
+    assert "float32" in supports(np.float32, 32, 8, 128, 16)
+    assert "at most 8" in supports(np.float16, 32, 2, 128, 16)
+    assert "head_dim = 72" in supports(np.float16, 8, 8, 72, 16)
+    assert "block_size = 8" in supports(np.float16, 8, 8, 128, 8)
+    assert "multiple of block_size" in supports(np.float16, 8, 8, 128, 16, partition_size=40)
+    assert "at least 2 buffers" in supports(np.float16, 8, 8, 128, 16, stages=1)
+    assert "shared memory" in supports(np.float16, 64, 8, 256, 32, partition_size=1024)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"partition_size": 24}, "multiple of block_size"),
+        ({"stages": 1}, "at least 2 buffers"),
+        ({"partition_size": 0}, "partition_size"),
+        ({"merge_threads": 48}, "power of two"),
+    ],
+)
+def test_v5_refuses_bad_launch_settings_and_writes_nothing(kwargs: dict, message: str) -> None:
+    args = small_args()
+    out = np.full(args[0].shape, 7.0, np.float16)
+    with pytest.raises(InvalidRequest, match=message):
+        paged_attention_v5(*args, out=out, **kwargs)
+    assert (out == 7.0).all()
+
+
+def as_float32(args: tuple) -> tuple:
+    return tuple(x.astype(np.float32) for x in args[:3]) + args[3:]
+
+
+def test_v5_refuses_float32() -> None:
+    with pytest.raises(InvalidRequest, match="float16"):
+        paged_attention_v5(*as_float32(small_args()), partition_size=16)
+
+
+def test_dispatch_prefers_v5_for_grouped_query_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(attention_v5, "launch_v5", lambda a, *how: calls.append(f"v5/{how}"))
+    monkeypatch.setattr(attention_v4, "launch_v4", lambda a, p: calls.append(f"v4/{p}"))
+    args = small_args()  # 4 query heads over 1 kv head, float16, blocks of 16
+    attention.paged_attention(*args, partition_size=16)
+    attention.paged_attention(*args)  # a tiny batch: v5's small-grid launch
+    attention.paged_attention(*args, partition_size=24)  # not whole blocks: v1/v2
+    attention.paged_attention(*small_args(block_size=8), partition_size=16)  # blocks of 8: v4
+    attention.paged_attention(*as_float32(args), partition_size=16)  # float32: v4
+    one_head_each = (args[0][:, :1], *args[1:])  # multi-head attention
+    attention.paged_attention(*one_head_each, partition_size=16)  # a given partition: v4
+    attention.paged_attention(*one_head_each)  # a small batch: v5's small-grid launch
+    small = attention_v5.choose_launch(1, 1, 2 * 16 - 3, 16)
+    assert calls == ["v5/(16,)", f"v5/{small}", "v4/16", "v4/16", "v4/16", f"v5/{small}"]
+    assert attention.fast_version(np.float16, 32, 8, 128, 16) == "v5"
+    assert attention.fast_version(np.float16, 32, 32, 128, 16) == "v4"
+    assert attention.fast_version(np.float16, 32, 32, 128, 16, small_grid=True) == "v5"
+
+
+def test_choose_launch_halves_partitions_only_for_small_grids() -> None:
+    assert not attention_v5.small_grid(64, 8, 4096)  # 4,096 blocks of 512 tokens
+    assert attention_v5.small_grid(8, 32, 2048)  # 1,024
+    assert attention_v5.choose_launch(64, 8, 4096, 16) == (512, attention_v5.STAGES, None)
+    partition, stages, merge = attention_v5.choose_launch(1, 8, 32768, 16)
+    assert (partition, stages) == (256, 4) and merge is not None
+    assert attention_v5.choose_launch(1, 8, 32768, 512)[0] == 512  # whole blocks
