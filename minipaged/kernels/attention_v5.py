@@ -17,7 +17,8 @@ Decode attention is two such products per block of 16 tokens, for one kv head:
 * **logits**: ``S[token, head] = K[token, :] . Q[head, :]``: A is 16 tokens' K rows
   (16 dimensions at a time), B is the group's queries, one column per query head (up to 8:
   grouped-query attention fills the columns that plain multi-head attention leaves empty). A
-  row of K is whole in one lane pair's registers, so A comes from shared memory in 32-bit words.
+  lane's values of A are pairs of neighbouring dimensions of one row, so they come from shared
+  memory in 32-bit words.
 * **weighted sum of V**: ``O[head, dim] += P[head, token] V[token, dim]``, computed transposed:
   A is V transposed (16 dimensions by 16 tokens), B the probabilities ``P`` of the same 16
   tokens, one column per head. Here a lane needs two tokens' values of one dimension in a
@@ -30,7 +31,11 @@ so each output is still a weighted mean of V rows.
 
 The rest is version 4's: the ring of shared-memory buffers fed by ``cp.async``
 (``attention_v4.make_ring``), logits in shared memory, the softmax within the partition, version
-2's reduction. A thread block is one warp: the whole block's work is the warp's products.
+2's reduction. A thread block is one warp: the whole block's work is the warp's products. Two
+things are new: K's blocks and then V's are one stream through the ring (``fetch_item``), so
+V's first blocks land while the softmax is computed; and a batch too small to fill the GPU gets
+shorter partitions and a merge kernel that combines many of them quickly (``choose_launch``,
+``merge_partitions_kernel``).
 
 One more care: slots of the sequence's last block that lie past its end hold whatever was there
 before, possibly NaN. A zero probability times NaN is NaN, so those V rows are zeroed in the
@@ -90,6 +95,21 @@ def fragment_c(lane: int, i: int) -> tuple[int, int]:
     """(row, column) in the 16 x 8 C and D of value ``i`` (0..3) of ``lane``."""
     g, t = lane >> 2, lane & 3
     return g + 8 * (i >> 1), 2 * t + (i & 1)
+
+
+def fragment_picture(which: str) -> str:
+    """The lane holding each value of matrix ``which`` ("a", "b" or "c"), row by row: the maps
+    above as a picture (docs/kernels.md shows them)."""
+    fragment, rows, cols, per_lane = {
+        "a": (fragment_a, 16, 16, 8),
+        "b": (fragment_b, 16, 8, 4),
+        "c": (fragment_c, 16, 8, 4),
+    }[which]
+    lanes = np.zeros((rows, cols), int)
+    for lane in range(WARP):
+        for i in range(per_lane):
+            lanes[fragment(lane, i)] = lane
+    return "\n".join(" ".join(f"{x:2d}" for x in row) for row in lanes)
 
 
 _A_MAP = np.array([[fragment_a(lane, i) for i in range(8)] for lane in range(WARP)])
@@ -241,6 +261,33 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                   j < blocks)  # fmt: skip
 
     wait = v4._wait_for(stages - 2)
+
+    @cuda.jit(device=True, **INLINE)
+    def turn(
+        ring,
+        at,
+        key_words,
+        value_words,
+        table,
+        first_block,
+        blocks,
+        j,
+        row_words,
+        to_ring,
+        to_cache,
+    ):
+        """One turn of the ring, before computing with the block in the oldest buffer: wait
+        until its copies have landed, meet at a barrier (everyone's copies are visible, and
+        everyone is done with the buffer before it), start item ``j`` into that freed buffer
+        at word ``at``; returns where the next item goes."""
+        wait()
+        cuda.syncthreads()
+        fetch_item(
+            ring, at, key_words, value_words, table, first_block, blocks, j, row_words, to_ring,
+            to_cache,
+        )  # fmt: skip
+        return advance(at)
+
     _block_reduce = v3._block_reduce
 
     @cuda.jit
@@ -321,9 +368,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         top[1] = NEG_INF
         here = uint64(0)
         for b in range(blocks):
-            wait()
-            cuda.syncthreads()
-            fetch_item(
+            write_at = turn(
                 ring,
                 write_at,
                 key_words,
@@ -336,7 +381,6 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                 to_ring,
                 to_cache,
             )
-            write_at = advance(write_at)
             t0 = (first_block + b) << shift
             here32 = here + here
             for tile in range(tiles):
@@ -386,9 +430,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         for i in range(acc_size):
             acc[i] = float32(0.0)
         for b in range(blocks):  # the ring goes on where the logits left it
-            wait()
-            cuda.syncthreads()
-            fetch_item(
+            write_at = turn(
                 ring,
                 write_at,
                 key_words,
@@ -401,7 +443,6 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                 to_ring,
                 to_cache,
             )
-            write_at = advance(write_at)
             t0 = (first_block + b) << shift
             here32 = here + here
             if end - t0 < block_size:  # the sequence's last block: zero the rows past its end
