@@ -124,14 +124,16 @@ def test_v5_matches_reference(case: tuple) -> None:
     lens=st.lists(st.integers(1, 400), min_size=1, max_size=2),
     head_dim=st.sampled_from([4, 8, 16]),
     threads=st.sampled_from([4, 8, 16, 32, 64]),
+    splits=st.sampled_from([1, 2, 4]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_merge_partitions_matches_the_formula(
-    lens: list[int], head_dim: int, threads: int, seed: int
+    lens: list[int], head_dim: int, threads: int, splits: int, seed: int
 ) -> None:
     """``out = sum_p w_p o_p / sum_p w_p`` with ``w_p = l_p exp(m_p - max_p m_p)``, over the
     partitions each sequence has (up to 50 of 8 tokens: the unrolled loads and the tail); what
-    lies past them in the workspace is NaN and must not be read."""
+    lies past them in the workspace is NaN and must not be read. ``splits`` blocks share each
+    head's dimensions."""
     rng = np.random.default_rng(seed)
     partition, heads = 8, 2
     parts = -(-max(lens) // partition)
@@ -149,8 +151,8 @@ def test_merge_partitions_matches_the_formula(
         want[s] = (w[:, :, None] * partial[s, :, :used]).sum(1) / w.sum(1)[:, None]
     out = cuda.to_device(np.full((len(lens), heads, head_dim), np.nan, np.float32))
     merge_args = (out, cuda.to_device(partial), cuda.to_device(logits), cuda.to_device(sums))
-    shared = 4 * (max(threads, head_dim) + parts)
-    attention_v5.merge_partitions_kernel[(heads, len(lens)), threads, 0, shared](
+    shared = 4 * (max(threads, head_dim // splits) + parts)
+    attention_v5.merge_partitions_kernel[(heads, len(lens), splits), threads, 0, shared](
         *merge_args, cuda.to_device(np.array(lens, np.int32)), partition
     )
     np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-5, atol=1e-5)
@@ -228,17 +230,37 @@ def test_dispatch_prefers_v5_for_grouped_query_attention(monkeypatch: pytest.Mon
     one_head_each = (args[0][:, :1], *args[1:])  # multi-head attention
     attention.paged_attention(*one_head_each, partition_size=16)  # a given partition: v4
     attention.paged_attention(*one_head_each)  # a small batch: v5's small-grid launch
-    small = attention_v5.choose_launch(1, 1, 2 * 16 - 3, 16)
-    assert calls == ["v5/(16,)", f"v5/{small}", "v4/16", "v4/16", "v4/16", f"v5/{small}"]
+    small4, small1 = (attention_v5.choose_launch(1, 1, 2 * 16 - 3, 16, g, 16) for g in (4, 1))
+    assert calls == ["v5/(16,)", f"v5/{small4}", "v4/16", "v4/16", "v4/16", f"v5/{small1}"]
     assert attention.fast_version(np.float16, 32, 8, 128, 16) == "v5"
     assert attention.fast_version(np.float16, 32, 32, 128, 16) == "v4"
     assert attention.fast_version(np.float16, 32, 32, 128, 16, small_grid=True) == "v5"
 
 
-def test_choose_launch_halves_partitions_only_for_small_grids() -> None:
+def test_choose_launch_shortens_partitions_only_for_grids_under_a_wave_and_a_half() -> None:
+    choose = attention_v5.choose_launch
     assert not attention_v5.small_grid(64, 8, 4096)  # 4,096 blocks of 512 tokens
     assert attention_v5.small_grid(8, 32, 2048)  # 1,024
-    assert attention_v5.choose_launch(64, 8, 4096, 16) == (512, attention_v5.STAGES, None)
-    partition, stages, merge = attention_v5.choose_launch(1, 8, 32768, 16)
-    assert (partition, stages) == (256, 4) and merge is not None
-    assert attention_v5.choose_launch(1, 8, 32768, 512)[0] == 512  # whole blocks
+    assert choose(64, 8, 4096, 16, 4, 128) == (512, attention_v5.STAGES, None)
+    merge = attention_v5.SMALL_GRID_MERGE
+    assert choose(1, 8, 32768, 16, 4, 128) == (256, 4, merge)  # 512 blocks: half a wave
+    assert choose(8, 8, 16384, 16, 4, 128) == (512, 4, merge)  # 2,048 blocks, 8 an SM: 1.9
+    assert choose(1, 32, 32768, 16, 1, 128) == (256, 4, merge)  # 2,048 blocks, 11 an SM: 1.4
+    # 512 tokens of 8 heads of 256 dimensions need more than 48 KB with 4 buffers: 256 then
+    assert choose(8, 8, 16384, 16, 8, 256) == (256, 4, merge)
+    assert choose(1, 8, 32768, 512, 4, 128) == (512, attention_v5.STAGES, None)  # whole blocks
+    assert attention_v5.waves(1320, 21 * 1024) == 1.0  # 10 blocks an SM, 132 SMs
+
+
+def test_merge_splits_only_small_grids() -> None:
+    assert attention_v5.merge_splits(128, 32) == 4  # 1 x 32k, 32 heads: 128 blocks
+    assert attention_v5.merge_splits(128, 64) == 2
+    assert attention_v5.merge_splits(128, 256) == 1  # enough blocks already
+    assert attention_v5.merge_splits(64, 8) == 2  # no fewer than 32 dimensions a block
+    assert attention_v5.merge_splits(80, 8) == 2  # 40 dimensions a block; 20 would be too few
+    assert attention_v5.merge_splits(48, 8) == 1
+    args = small_args()
+    a = attention.prepare_attention(*args)
+    attention_v5.launch_v5(a, 16, 2, None)
+    with pytest.raises(InvalidRequest, match="does not divide"):
+        attention_v5.merge_partitions(a, 16, 32, 3)

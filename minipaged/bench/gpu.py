@@ -216,7 +216,12 @@ def bench_attention(
             row["v4_ms"] = time_ms(lambda a=a: attention_v4.launch_v4(a, partition_size), timing)
         if attention_v5.supports(*args, partition_size) is None:
             how = attention_v5.choose_launch(
-                shape.seqs, shape.kv_heads, shape.context, shape.block_size
+                shape.seqs,
+                shape.kv_heads,
+                shape.context,
+                shape.block_size,
+                shape.heads // shape.kv_heads,
+                shape.head_dim,
             )  # as paged_attention launches it: its own partition size for small batches
             attention_v5.launch_v5(a, *how)
             row["v5_vs_v2"] = max_difference(a.out, v2_out)

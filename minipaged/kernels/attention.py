@@ -627,7 +627,10 @@ def paged_attention(
     if version == "v5":
         if partition_size is None:
             attention_v5.launch_v5(
-                a, *attention_v5.choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size)
+                a,
+                *attention_v5.choose_launch(
+                    num_seqs, kv_heads, a.max_seq_len, block_size, num_heads // kv_heads, head_dim
+                ),
             )
         else:
             attention_v5.launch_v5(a, partition_size)

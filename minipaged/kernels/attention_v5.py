@@ -16,13 +16,16 @@ Decode attention is two such products per block of 16 tokens, for one kv head:
 
 * **logits**: ``S[token, head] = K[token, :] . Q[head, :]``: A is 16 tokens' K rows
   (16 dimensions at a time), B is the group's queries, one column per query head (up to 8:
-  grouped-query attention fills the columns that plain multi-head attention leaves empty). A
-  lane's values of A are pairs of neighbouring dimensions of one row, so they come from shared
-  memory in 32-bit words.
+  grouped-query attention fills the columns that plain multi-head attention leaves empty).
 * **weighted sum of V**: ``O[head, dim] += P[head, token] V[token, dim]``, computed transposed:
   A is V transposed (16 dimensions by 16 tokens), B the probabilities ``P`` of the same 16
-  tokens, one column per head. Here a lane needs two tokens' values of one dimension in a
-  register, so it loads them as two 16-bit halves and packs them.
+  tokens, one column per head.
+
+Both A's come out of the ring with ``ldmatrix``, which loads four 8 x 8 float16 matrices into
+the warp's registers in exactly A's fragment layout, each lane naming one 16-byte row: one
+instruction where the lanes would otherwise load 8 values each (for V, two tokens' values of
+one dimension, 16-bit loads to be packed in pairs). ``ldmatrix.trans`` delivers each matrix
+transposed, which is how V's rows become the columns of A.
 
 So per 16 tokens and 128 dimensions a warp issues 16 ``mma`` instructions where version 4 issues
 8,192 multiply-adds for 4 heads. The probabilities go into the product as float16 (as vLLM's and
@@ -31,11 +34,13 @@ so each output is still a weighted mean of V rows.
 
 The rest is version 4's: the ring of shared-memory buffers fed by ``cp.async``
 (``attention_v4.make_ring``), logits in shared memory, the softmax within the partition, version
-2's reduction. A thread block is one warp: the whole block's work is the warp's products. Two
-things are new: K's blocks and then V's are one stream through the ring (``fetch_item``), so
-V's first blocks land while the softmax is computed; and a batch too small to fill the GPU gets
-shorter partitions and a merge kernel that combines many of them quickly (``choose_launch``,
-``merge_partitions_kernel``).
+2's reduction. A thread block is one warp: the whole block's work is the warp's products. New
+here: K's blocks and then V's are one stream through the ring (``fetch_item``), so V's first
+blocks land while the softmax is computed; the partition's block numbers are read into shared
+memory once, so a turn of the ring starts its copies without a round trip to global memory;
+the logits' products alternate between two accumulators, so consecutive ``mma``s do not wait
+for each other; and a batch too small to fill the GPU gets shorter partitions or a merge kernel
+that combines many of them quickly (``choose_launch``, ``merge_partitions_kernel``).
 
 One more care: slots of the sequence's last block that lie past its end hold whatever was there
 before, possibly NaN. A zero probability times NaN is NaN, so those V rows are zeroed in the
@@ -43,7 +48,8 @@ ring before the product (K rows need nothing: a garbage K row spoils only its ow
 is never used).
 
 Numba's CUDA simulator runs no PTX: there ``_mma`` gathers the warp's fragments through shared
-memory and multiplies them with NumPy, following the same fragment maps.
+memory and multiplies them with NumPy, following the same fragment maps, and ``_ldsm`` gathers
+the lanes' row addresses the same way and hands each lane what ``ldmatrix`` would.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import config, cuda, float32, uint16, uint32, uint64
+from numba import config, cuda, float32, int32, uint16, uint32, uint64
 
 from minipaged.errors import InvalidRequest
 from minipaged.kernels import attention as v2
@@ -141,6 +147,40 @@ if config.ENABLE_CUDASIM:
             d.append(np.float32(c + np.float32(a[row] @ b[:, col])))
         return d[0], d[1], d[2], d[3]
 
+    def _ldsm_lanes(at, posted):  # noqa: ANN001, ANN202
+        """Simulator: every lane posts its row address, then reads everyone's."""
+        lane = cuda.threadIdx.x % WARP
+        mine = posted[(cuda.threadIdx.x - lane) * 6 :][: 6 * WARP]
+        mine[6 * lane] = at
+        cuda.syncthreads()
+        rows = mine[::6].copy()
+        cuda.syncthreads()
+        return lane >> 2, lane & 3, rows
+
+    def _halves(lo, hi):  # noqa: ANN001, ANN202
+        return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+
+    @cuda.jit(device=True)
+    def _ldsm(ring16, at, posted):
+        """Simulator ``ldmatrix.x4``: lanes ``8 j`` to ``8 j + 7`` name the 8 rows (8 values
+        from ``at`` each) of matrix ``j``; register ``j`` of lane ``(g, t)`` gets values
+        ``2 t`` and ``2 t + 1`` of that matrix's row ``g``."""
+        g, t, rows = _ldsm_lanes(at, posted)
+        return tuple(
+            _halves(ring16[rows[8 * j + g] + 2 * t], ring16[rows[8 * j + g] + 2 * t + 1])
+            for j in range(4)
+        )
+
+    @cuda.jit(device=True)
+    def _ldsm_t(ring16, at, posted):
+        """Simulator ``ldmatrix.x4.trans``: the same rows, each matrix delivered transposed:
+        register ``j`` of lane ``(g, t)`` gets value ``g`` of rows ``2 t`` and ``2 t + 1``."""
+        g, t, rows = _ldsm_lanes(at, posted)
+        return tuple(
+            _halves(ring16[rows[8 * j + 2 * t] + g], ring16[rows[8 * j + 2 * t + 1] + g])
+            for j in range(4)
+        )
+
     def _pack_f16(lo, hi):  # noqa: ANN001, ANN202
         """Simulator: two floats as one register of two float16 halves (``lo`` in the low one)."""
         return np.array([lo, hi], np.float16).view(np.uint32)[0]
@@ -178,6 +218,39 @@ else:
 
         return sig, codegen
 
+    def _make_ldsm(trans: bool) -> Any:
+        """``ldmatrix.sync.aligned.m8n8.x4`` (``.trans`` if ``trans``) from shared memory."""
+        suffix = ".trans" if trans else ""
+
+        @intrinsic
+        def ldsm(typingctx, ring16, at, posted):  # noqa: ANN001, ANN202
+            """Four 8 x 8 float16 matrices from shared memory into the warp's registers, in
+            the A fragment's layout: lanes ``8 j`` to ``8 j + 7`` give the addresses of matrix
+            ``j``'s 8 rows (``ring16[at:at + 8]`` for this lane). Every lane must call it."""
+            sig = types.UniTuple(types.uint32, 4)(ring16, types.uint64, posted)
+
+            def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+                data = context.make_array(sig.args[0])(context, builder, args[0]).data
+                row = builder.ptrtoint(builder.gep(data, [args[1]]), ir.IntType(64))
+                fn = ir.FunctionType(ir.LiteralStructType([_I32] * 4), [ir.IntType(64)])
+                d = builder.asm(
+                    fn,
+                    "{ .reg .u64 s; cvta.to.shared.u64 s, $4; "
+                    f"ldmatrix.sync.aligned.m8n8.x4{suffix}.shared.b16 "
+                    "{$0, $1, $2, $3}, [s]; }",
+                    "=r,=r,=r,=r,l,~{memory}",
+                    [row],
+                    True,
+                )
+                values = [builder.extract_value(d, i) for i in range(4)]
+                return context.make_tuple(builder, sig.return_type, values)
+
+            return sig, codegen
+
+        return ldsm
+
+    _ldsm, _ldsm_t = _make_ldsm(False), _make_ldsm(True)
+
     @intrinsic
     def _pack_f16(typingctx, lo, hi):  # noqa: ANN001, ANN202
         """Two floats rounded to float16 and packed into one register, ``lo`` in the low half."""
@@ -202,21 +275,16 @@ else:
         return sig, codegen
 
 
-@cuda.jit(device=True, **INLINE)
-def _pair(lo, hi):
-    """Two 16-bit values in one register, ``lo`` in the low half."""
-    return uint32(lo) | (uint32(hi) << uint32(16))
-
-
 # --- the kernel -----------------------------------------------------------------------------------
 
 
 def shared_bytes(
     group: int, head_dim: int, block_size: int, partition_size: int, stages: int
 ) -> int:
-    """Dynamic shared memory of one thread block: ``[ring | logits | red | posted]``."""
+    """Dynamic shared memory of one thread block: ``[ring | logits | red | ids | posted]``."""
     ring = 2 * stages * block_size * (head_dim // 4 + PAD_WORDS)  # in 32-bit words
-    return 4 * (ring + group * (partition_size + WARP) + POSTED)
+    ids = partition_size // block_size
+    return 4 * (ring + group * (partition_size + WARP) + ids + POSTED)
 
 
 @functools.cache
@@ -231,7 +299,6 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
     q_regs, acc_size = 2 * chunks, 4 * chunks  # (local array sizes must be plain constants)
     tiles = block_size // TILE
     shift = block_size.bit_length() - 1
-    r16, r16x8, r16x9, eight = (np.uint64(x) for x in (row16, 8 * row16, 9 * row16, 8))
     ring_floats = 2 * stages * block_size * ring_row
     fetch, advance, copy_offsets = v4.make_ring(block_size, words, ring_row, WARP, stages)
 
@@ -241,8 +308,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         at,
         key_words,
         value_words,
-        table,
-        first_block,
+        ids,
         blocks,
         j,
         row_words,
@@ -254,11 +320,10 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         turns of the logits already fetch V's first blocks, so the ring never runs dry
         between the two products."""
         if j < blocks:
-            fetch(ring, at, key_words, table, first_block + j, row_words, to_ring, to_cache, True)
+            fetch(ring, at, key_words, ids, j, row_words, to_ring, to_cache, True)
         else:
             j -= blocks
-            fetch(ring, at, value_words, table, first_block + j, row_words, to_ring, to_cache,
-                  j < blocks)  # fmt: skip
+            fetch(ring, at, value_words, ids, j, row_words, to_ring, to_cache, j < blocks)
 
     wait = v4._wait_for(stages - 2)
 
@@ -268,8 +333,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         at,
         key_words,
         value_words,
-        table,
-        first_block,
+        ids,
         blocks,
         j,
         row_words,
@@ -282,10 +346,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         at word ``at``; returns where the next item goes."""
         wait()
         cuda.syncthreads()
-        fetch_item(
-            ring, at, key_words, value_words, table, first_block, blocks, j, row_words, to_ring,
-            to_cache,
-        )  # fmt: skip
+        fetch_item(ring, at, key_words, value_words, ids, blocks, j, row_words, to_ring, to_cache)
         return advance(at)
 
     _block_reduce = v3._block_reduce
@@ -327,10 +388,17 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         red = smem[
             ring_floats + group * partition_size : ring_floats + group * (partition_size + WARP)
         ]
-        posted = ring32[ring_floats + group * (partition_size + WARP) :]
+        ids_at = ring_floats + group * (partition_size + WARP)
+        ids = cuda.shared.array(0, int32)[ids_at : ids_at + (partition_size >> shift)]
+        posted = ring32[ids_at + (partition_size >> shift) :]
 
         first_block = start >> shift
         blocks = ((end - 1) >> shift) - first_block + 1
+        # the partition's physical block numbers, read once: a turn of the ring then starts its
+        # copies without waiting for a load from global memory
+        for i in range(lane, blocks, WARP):
+            ids[i] = table[first_block + i]
+        cuda.syncthreads()
         to_ring, to_cache = copy_offsets(row_words, kv_head * words)
         write_at = uint64(0)
         for j in range(stages - 1):  # the first blocks of K on their way
@@ -339,8 +407,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                 write_at,
                 key_words,
                 value_words,
-                table,
-                first_block,
+                ids,
                 blocks,
                 j,
                 row_words,
@@ -353,6 +420,11 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         g = lane >> 2
         t = lane & 3
         mine = g < group  # lanes of row groups past the heads hold zeros of B
+        # the row this lane names to ldmatrix, in 16-bit units from a tile's first value:
+        # matrix j = lane // 8 is rows 8 (j % 2) and columns 8 (j // 2) of K's tile (tokens x
+        # dimensions), and of V's transposed tile rows 8 (j // 2), columns 8 (j % 2)
+        k_lane = uint64(((lane & 7) + 8 * ((lane >> 3) & 1)) * row16 + 8 * (lane >> 4))
+        v_lane = uint64(((lane & 7) + 8 * (lane >> 4)) * row16 + 8 * ((lane >> 3) & 1))
 
         # B of the logits: query head g's values 16 c + 2 t, + 1 and 16 c + 8 + 2 t, + 1
         qb = cuda.local.array(q_regs, uint32)
@@ -363,6 +435,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
 
         # 1. logits, 16 tokens at a time; lane (g, t) gets tokens g and g + 8, heads 2t and 2t+1
         s = cuda.local.array(4, float32)
+        s2 = cuda.local.array(4, float32)
         top = cuda.local.array(2, float32)  # largest logit of heads 2t and 2t + 1
         top[0] = NEG_INF
         top[1] = NEG_INF
@@ -373,8 +446,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                 write_at,
                 key_words,
                 value_words,
-                table,
-                first_block,
+                ids,
                 blocks,
                 b + stages - 1,
                 row_words,
@@ -382,25 +454,26 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                 to_cache,
             )
             t0 = (first_block + b) << shift
-            here32 = here + here
+            here16 = uint64(4) * here
             for tile in range(tiles):
                 for i in range(4):
                     s[i] = float32(0.0)
-                at = here32 + uint64((tile * TILE + g) * row32 + t)
-                for c in range(chunks):
-                    s[0], s[1], s[2], s[3] = _mma(
-                        ring32[at + uint64(8 * c)],
-                        ring32[at + uint64(8 * row32 + 8 * c)],
-                        ring32[at + uint64(8 * c + 4)],
-                        ring32[at + uint64(8 * row32 + 8 * c + 4)],
-                        qb[2 * c],
-                        qb[2 * c + 1],
-                        s[0],
-                        s[1],
-                        s[2],
-                        s[3],
-                        posted,
-                    )
+                    s2[i] = float32(0.0)
+                at = here16 + uint64(tile * TILE * row16) + k_lane
+                for c in range(chunks):  # two chains of products, so they overlap
+                    a0, a1, a2, a3 = _ldsm(ring16, at + uint64(16 * c), posted)
+                    if c & 1:
+                        s2[0], s2[1], s2[2], s2[3] = _mma(
+                            a0, a1, a2, a3, qb[2 * c], qb[2 * c + 1], s2[0], s2[1], s2[2], s2[3],
+                            posted,
+                        )  # fmt: skip
+                    else:
+                        s[0], s[1], s[2], s[3] = _mma(
+                            a0, a1, a2, a3, qb[2 * c], qb[2 * c + 1], s[0], s[1], s[2], s[3],
+                            posted,
+                        )  # fmt: skip
+                for i in range(4):
+                    s[i] += s2[i]
                 for i in range(4):
                     token = t0 + tile * TILE + g + 8 * (i >> 1)
                     head = 2 * t + (i & 1)
@@ -435,8 +508,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                 write_at,
                 key_words,
                 value_words,
-                table,
-                first_block,
+                ids,
                 blocks,
                 blocks + b + stages - 1,
                 row_words,
@@ -445,6 +517,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
             )
             t0 = (first_block + b) << shift
             here32 = here + here
+            here16 = here32 + here32
             if end - t0 < block_size:  # the sequence's last block: zero the rows past its end
                 past = here32 + uint64((end - t0) * row32)
                 for i in range(lane, (block_size - (end - t0)) * row32, WARP):
@@ -459,15 +532,14 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                     p[i] = logits[uint64((token - start) * group + g)] if ok else float32(0.0)
                 b0 = _pack_f16(p[0], p[1])
                 b1 = _pack_f16(p[2], p[3])
-                at = here32 + here32 + uint64((tile * TILE + 2 * t) * row16 + g)
+                at = here16 + uint64(tile * TILE * row16) + v_lane
                 for c in range(chunks):
-                    d = at + uint64(16 * c)  # V[token 2t, dim 16 c + g]
-                    e = d + eight  # V[token 2t, dim 16 c + g + 8]
+                    a0, a1, a2, a3 = _ldsm_t(ring16, at + uint64(16 * c), posted)
                     acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3] = _mma(
-                        _pair(ring16[d], ring16[d + r16]),
-                        _pair(ring16[e], ring16[e + r16]),
-                        _pair(ring16[d + r16x8], ring16[d + r16x9]),
-                        _pair(ring16[e + r16x8], ring16[e + r16x9]),
+                        a0,
+                        a1,
+                        a2,
+                        a3,
                         b0,
                         b1,
                         acc[4 * c],
@@ -503,30 +575,36 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
 
 MERGE_THREADS = 32 if config.ENABLE_CUDASIM else 256
 MERGE_UNROLL = 4  # partitions whose partial outputs a thread loads before adding any
+MERGE_BLOCKS = 128  # a merge grid is split over head dimensions up to this many blocks
+MERGE_MIN_DIMS = 32  # and no further than this many dimensions a block
 
 
 @cuda.jit
 def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
-    """Version 2's reduction for many partitions. Grid ``(num_heads, num_seqs)``, ``blockDim.x``
-    a power of two; dynamic shared memory: ``max(blockDim.x, head_dim)`` float32 of scratch and
-    one float32 weight per partition.
+    """Version 2's reduction for many partitions. Grid ``(num_heads, num_seqs, splits)``: block
+    ``(head, seq, z)`` combines dimensions ``z * dims`` to ``(z + 1) * dims - 1`` of that head,
+    ``dims = head_dim // splits``; ``blockDim.x`` a power of two; dynamic shared memory:
+    ``max(blockDim.x, dims)`` float32 of scratch and one float32 weight per partition.
 
     Version 2's reduction gives each thread one dimension and walks every partition for it, one
     dependent load after another. That is cheap for a few partitions; a long context cut into
     many (a small batch needs many to fill the GPU) makes it a long chain. Here the weights
-    ``w_p = l_p exp(m_p - M)`` are computed once, by all threads, into shared memory; then
-    ``slices = blockDim.x // head_dim`` threads share each dimension's partitions, each with
+    ``w_p = l_p exp(m_p - M)`` are computed once per block, by all threads, into shared memory;
+    then ``slices = blockDim.x // dims`` threads share each dimension's partitions, each with
     ``MERGE_UNROLL`` loads in flight, and their sums are added at the end. The same sum as
-    version 2's, in another order."""
+    version 2's, in another order. Why the split over dimensions: a small batch is few heads
+    times few sequences, so one block per head leaves most SMs idle; the weights are cheap to
+    compute again in every block."""
     head = cuda.blockIdx.x
     seq = cuda.blockIdx.y
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    head_dim = out.shape[2]
+    dims = out.shape[2] // cuda.gridDim.z
+    first_dim = cuda.blockIdx.z * dims
     parts = (seq_lens[seq] + partition_size - 1) // partition_size
     shared = cuda.shared.array(0, float32)
-    scratch = shared[: max(threads, head_dim)]
-    weights = shared[max(threads, head_dim) :]
+    scratch = shared[: max(threads, dims)]
+    weights = shared[max(threads, dims) :]
     local = NEG_INF
     for p in range(tid, parts, threads):
         local = max(local, max_logits[seq, head, p])
@@ -537,11 +615,11 @@ def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, pa
         weights[p] = w
         local += w
     total = v2._block_sum(scratch, local)  # (its first barrier also publishes the weights)
-    slices = max(1, threads // head_dim)
+    slices = max(1, threads // dims)
     stride = slices * MERGE_UNROLL
-    for i in range(tid, slices * head_dim, threads):
-        d = i % head_dim
-        p = i // head_dim  # this thread's slice: partitions p, p + slices, ...
+    for i in range(tid, slices * dims, threads):
+        d = first_dim + i % dims
+        p = i // dims  # this thread's slice: partitions p, p + slices, ...
         acc = float32(0.0)
         while p + stride <= parts:
             for u in range(MERGE_UNROLL):
@@ -552,16 +630,36 @@ def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, pa
             p += slices
         scratch[i] = acc
     cuda.syncthreads()
-    for d in range(tid, head_dim, threads):
+    for d in range(tid, dims, threads):
         acc = float32(0.0)
         for k in range(slices):
-            acc += scratch[k * head_dim + d]
-        out[seq, head, d] = acc / total
+            acc += scratch[k * dims + d]
+        out[seq, head, first_dim + d] = acc / total
 
 
-def merge_partitions(a: v2.AttentionArgs, partition_size: int, threads: int | None) -> None:
+def merge_splits(head_dim: int, pairs: int) -> int:
+    """How many merge blocks share one head, for ``pairs`` (head, sequence) pairs: double it
+    while the grid stays within ``MERGE_BLOCKS`` blocks and each block keeps at least
+    ``MERGE_MIN_DIMS`` dimensions. Measured on an H200 (docs/benchmarks.md): at 1 x 32k (32
+    pairs) 4 blocks a head took 8.1 us against 12.6 us for one; at 8 x 16k (256 pairs) one block a
+    head was the fastest, and 4 took 16.2 us against 10.1: every block recomputes its head's
+    weights, so splitting pays only while the grid is too small to fill the GPU."""
+    splits = 1
+    while (
+        2 * splits * pairs <= MERGE_BLOCKS
+        and head_dim % (2 * splits) == 0
+        and head_dim // (2 * splits) >= MERGE_MIN_DIMS
+    ):
+        splits *= 2
+    return splits
+
+
+def merge_partitions(
+    a: v2.AttentionArgs, partition_size: int, threads: int | None, splits: int | None = None
+) -> None:
     """Combine the partitions in ``a``'s workspace into ``a.out``: with
-    ``merge_partitions_kernel`` on ``threads`` threads, or with version 2's reduction when
+    ``merge_partitions_kernel`` on ``threads`` threads and ``splits`` blocks a head (None:
+    ``merge_splits``'s choice; it must divide head_dim), or with version 2's reduction when
     ``threads`` is None."""
     num_seqs, num_heads, head_dim = a.shape
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
@@ -570,8 +668,12 @@ def merge_partitions(a: v2.AttentionArgs, partition_size: int, threads: int | No
             a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
         )
         return
-    shared = 4 * (max(threads, head_dim) + partial_out.shape[2])
-    merge_partitions_kernel[(num_heads, num_seqs), threads, 0, shared](
+    if splits is None:
+        splits = merge_splits(head_dim, num_heads * num_seqs)
+    if splits < 1 or head_dim % splits:
+        raise InvalidRequest(f"splits = {splits} does not divide head_dim = {head_dim}")
+    shared = 4 * (max(threads, head_dim // splits) + partial_out.shape[2])
+    merge_partitions_kernel[(num_heads, num_seqs, splits), threads, 0, shared](
         a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
     )
 
@@ -619,7 +721,10 @@ def supports(
 SMALL_GRID = 4096  # thread blocks (at 512-token partitions) below which a batch is "small"
 SMALL_GRID_PARTITION = 256
 SMALL_GRID_STAGES = 4
-SMALL_GRID_MERGE = 32 if config.ENABLE_CUDASIM else 512
+SMALL_GRID_MERGE = 32 if config.ENABLE_CUDASIM else 256
+SM_SHARED_BYTES = 228 * 1024  # shared memory of one SM of an H100 or H200
+BLOCK_RESERVED_BYTES = 1024  # what the hardware keeps of it for every resident block
+MIN_WAVES = 1.5  # a small batch keeps 512-token partitions if its grid is at least this long
 
 
 def small_grid(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> bool:
@@ -627,22 +732,50 @@ def small_grid(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> bool:
     return num_seqs * num_kv_heads * -(-max_seq_len // v3.PARTITION_SIZE) < SMALL_GRID
 
 
+@functools.cache
+def multiprocessors() -> int:
+    """SMs of the current GPU (132, an H100's or H200's, in the simulator)."""
+    return 132 if config.ENABLE_CUDASIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+def waves(blocks: int, shared: int) -> float:
+    """How many rounds of the whole GPU a grid of ``blocks`` one-warp blocks, each taking
+    ``shared`` bytes of shared memory, needs: shared memory is what limits blocks per SM."""
+    per_sm = max(1, min(32, SM_SHARED_BYTES // (shared + BLOCK_RESERVED_BYTES)))
+    return blocks / (per_sm * multiprocessors())
+
+
 def choose_launch(
-    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int, group: int, head_dim: int
 ) -> tuple[int, int, int | None]:
-    """``(partition_size, stages, merge_threads)`` for a batch: the defaults, or for a batch
-    whose grid at 512-token partitions has fewer than ``SMALL_GRID`` thread blocks, 256-token
-    partitions (twice the blocks), a ring of 4 and ``merge_partitions_kernel``.
+    """``(partition_size, stages, merge_threads)`` for a batch with ``group`` query heads per
+    kv head: the defaults (512 tokens, ``STAGES`` buffers, version 2's reduction), or for a
+    batch whose grid at 512-token partitions has fewer than ``SMALL_GRID`` thread blocks, a
+    ring of 4 buffers, ``merge_partitions_kernel``, and 512-token partitions if that grid is
+    still ``MIN_WAVES`` waves long, else 256 (twice the blocks).
 
     Why: a thread block is one warp, and an SM holds about 10 of them; a grid of a few waves
     leaves SMs idle in its last one, and one under a wave cannot fill them at all. Measured on
-    an H200 (docs/benchmarks.md, 32 query heads over 8 kv heads): 1 x 32k went from 44% to 54%
-    of the copy bandwidth, 8 x 16k from 73% to 75%; 64 x 4096 (4,096 blocks) stays at 512,
-    where shorter partitions were slower."""
+    an H200 (docs/benchmarks.md): with 32 query heads over 8 kv heads, 1 x 32k (0.5 waves at
+    512 tokens) went from 48% of the copy bandwidth to 60% with 256-token partitions and the
+    merge kernel, and 8 x 16k (1.9 waves) from 76% to 81% with 512-token ones and the merge
+    kernel; 64 x 4096 (4,096 blocks) is faster on the defaults. The first choice that version
+    5 cannot run (too much shared memory) falls back to the next, down to the defaults."""
+    default = (v3.PARTITION_SIZE, STAGES, None)
     if not small_grid(num_seqs, num_kv_heads, max_seq_len):
-        return v3.PARTITION_SIZE, STAGES, None
-    partition = max(SMALL_GRID_PARTITION, block_size)
-    return partition, SMALL_GRID_STAGES, SMALL_GRID_MERGE
+        return default
+    stages = SMALL_GRID_STAGES
+    blocks = num_seqs * num_kv_heads * -(-max_seq_len // v3.PARTITION_SIZE)
+    shared = shared_bytes(group, head_dim, block_size, v3.PARTITION_SIZE, stages)
+    long = waves(blocks, shared - 4 * POSTED)  # (as on a GPU, without the simulator's part)
+    first = v3.PARTITION_SIZE if long >= MIN_WAVES else SMALL_GRID_PARTITION
+    for partition in (first, SMALL_GRID_PARTITION):
+        partition = max(partition, block_size)
+        heads = group * num_kv_heads
+        if supports(np.float16, heads, num_kv_heads, head_dim, block_size, partition, stages):
+            continue
+        return partition, stages, SMALL_GRID_MERGE
+    return default
 
 
 def launch_v5(
