@@ -1,0 +1,354 @@
+"""Time what the last, partly filled wave of thread blocks costs, and what the merge and the
+copies gain from grids that fill the GPU.
+
+    python3 scripts/tune_tail.py [attention] [merge] [copy]
+
+1. How many one-warp blocks of attention version 5 an SM holds (the driver's occupancy query),
+   so how many blocks make one wave.
+2. Version 5 on the defaults for 32 query heads over 8 kv heads, context 4,096, batches of 16 to
+   128 sequences: time per sequence against the number of waves the grid is. If the last wave
+   cost nothing extra, the time per sequence would be flat.
+3. Partition sizes that are not powers of two, at 64 x 4096: fewer or more blocks, so the grid
+   ends nearer a whole number of waves.
+4. The merge alone (version 2's reduction, or ``merge_partitions_kernel`` with a head's
+   dimensions split over several blocks), small and large batches.
+5. copy_blocks with 16-byte loads and stores, and over a grid capped at a few blocks per SM,
+   each block walking several pieces.
+
+Every attention variant is compared with version 2's output first; one that disagrees is
+reported, not timed. Timings as in ``minipaged bench`` (CUDA events, median).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import cuda, uint64
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minipaged.bench import gpu  # noqa: E402
+from minipaged.kernels import attention, attention_v4, attention_v5, cache_ops  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*under-utilization")
+
+
+def blocks_per_sm(kernel: Any, threads: int, shared: int) -> int:
+    """The driver's count of blocks of ``kernel`` (launched once already) that fit on one SM;
+    if the query fails, what 228 KB of shared memory an SM (1 KB of it reserved per block)
+    allows."""
+    try:
+        compiled = next(iter(kernel.overloads.values()))
+        got = cuda.current_context().get_active_blocks_per_multiprocessor(
+            compiled._codelibrary.get_cufunc(), threads, shared
+        )
+        return int(got[-1] if isinstance(got, tuple) else got)
+    except Exception as e:  # an older or newer numba-cuda: estimate
+        print(f"(occupancy query failed: {type(e).__name__}: {e}; estimating)")
+        return min(32, 228 * 1024 // (shared + 1024))
+
+
+class Checked:
+    """Inputs of one attention batch and version 2's output for them."""
+
+    def __init__(self, shape: gpu.AttentionShape, seed: int) -> None:
+        self.shape = shape
+        self.a = gpu.attention_inputs(shape, seed)
+        attention.launch_v2(self.a)
+        self.want = self.a.out.copy_to_host().astype(np.float64)
+
+    def time(self, launch: Callable[[Any], None], timing: gpu.Timing, copy_gbs: float) -> str:
+        try:
+            launch(self.a)
+        except Exception as e:  # a variant this shape does not allow
+            return f"{type(e).__name__}: {e}"
+        err = float(np.abs(self.a.out.copy_to_host() - self.want).max())
+        if not err < 1e-2:
+            return f"WRONG (max abs error {err:.1e})"
+        ms = gpu.time_ms(lambda: launch(self.a), timing)
+        share = self.shape.kv_bytes() / ms / 1e6 / copy_gbs
+        return f"{1000 * ms:8.1f} us {100 * share:5.1f}%"
+
+
+def attention_sections(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
+    if "merge" not in sys.argv[1:]:
+        waves_and_partitions(timing, copy_gbs, sms)
+    merge_section(timing, copy_gbs)
+
+
+def waves_and_partitions(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
+    print("\n## 1. one-warp blocks per SM (version 5, group 4, head_dim 128, blocks of 16)")
+    probe = Checked(gpu.AttentionShape(4, 1024, 32, 8), 1)
+    per_sm = {}
+    for partition, stages in ((512, 3), (512, 4), (448, 3), (384, 3), (256, 3), (256, 4)):
+        attention_v5.launch_v5(probe.a, partition, stages)
+        shared = attention_v5.shared_bytes(4, 128, 16, partition, stages)
+        kernel = attention_v5.make_kernel(4, 128, 16, stages)
+        per_sm[partition, stages] = n = blocks_per_sm(kernel, attention_v5.WARP, shared)
+        print(
+            f"partition {partition}, {stages} stages: {shared} B shared, {n} blocks per SM, "
+            f"{n * sms} a wave",
+            flush=True,
+        )
+
+    print("\n## 2. waves: version 5 defaults, 32/8, context 4096 (64 blocks per sequence)")
+    wave = per_sm[512, 3] * sms
+    for seqs in (8, 16, 20, 21, 32, 40, 41, 42, 48, 60, 62, 64, 80, 82, 83, 96, 123, 124, 128):
+        c = Checked(gpu.AttentionShape(seqs, 4096, 32, 8), seqs)
+        blocks = seqs * 8 * 8
+        cell = c.time(lambda a: attention_v5.launch_v5(a, 512, 3), timing, copy_gbs)
+        us = float(cell.split()[0]) if "us" in cell else float("nan")
+        print(
+            f"{seqs:4d} seqs: {blocks:6d} blocks = {blocks / wave:5.2f} waves: {cell}, "
+            f"{us / seqs:6.2f} us per seq",
+            flush=True,
+        )
+        del c
+
+    print("\n## 3. partition sizes at 64 x 4096 (and 32/32)")
+    for heads, kv in ((32, 8), (32, 32)):
+        c = Checked(gpu.AttentionShape(64, 4096, heads, kv), 3)
+        for partition in (512, 480, 448, 416, 384, 352, 336, 320, 288, 256):
+            parts = -(-4096 // partition)
+            blocks = 64 * kv * parts
+            cells = []
+            for stages in (3, 4):
+                v5 = lambda a, p=partition, s=stages: attention_v5.launch_v5(a, p, s)  # noqa: E731
+                cells.append(c.time(v5, timing, copy_gbs))
+            if kv == 32:
+                v4 = lambda a, p=partition: attention_v4.launch_v4(a, p)  # noqa: E731
+                cells.append("v4 " + c.time(v4, timing, copy_gbs))
+            waves = blocks / (per_sm.get((partition, 3), per_sm[512, 3]) * sms)
+            print(
+                f"{heads}/{kv} P={partition:4d}: {parts:2d} parts, {blocks:6d} blocks, "
+                f"~{waves:5.2f} waves (3 stages): " + " | ".join(cells),
+                flush=True,
+            )
+        del c
+
+
+def merge_section(timing: gpu.Timing, copy_gbs: float) -> None:
+    print("\n## 4. the merge alone, after one partition launch")
+    batches = ((32, 8, 1, 32768), (32, 32, 1, 32768), (32, 8, 8, 16384), (32, 8, 64, 4096),
+               (32, 32, 64, 4096), (32, 8, 256, 1024))  # fmt: skip
+    for heads, kv, seqs, ctx in batches:
+        c = Checked(gpu.AttentionShape(seqs, ctx, heads, kv), 5)
+        chosen = attention_v5.choose_launch(seqs, kv, ctx, 16, heads // kv, 128)
+        cell = c.time(lambda a, how=chosen: attention_v5.launch_v5(a, *how), timing, copy_gbs)
+        print(f"{heads}/{kv} {seqs} x {ctx}, choose_launch {chosen}: {cell}", flush=True)
+        p = chosen[0]
+        dims = (128, 64, 32, 16) if seqs * heads < 128 else (128,)
+        for t, d in [(None, 128), (256, None), *itertools.product((128, 256, 512), dims)]:
+            splits = None if d is None else 128 // d
+            merge = lambda a, p=p, t=t, n=splits: attention_v5.merge_partitions(a, p, t, n)  # noqa: E731
+            cell = c.time(merge, timing, copy_gbs)
+            name = f"{t} threads x {d or 'merge_splits'} dims"
+            name = "version 2's reduction" if t is None else name
+            print(f"  merge alone, {name}: {cell} (share of the whole batch's bytes)", flush=True)
+        del c
+
+
+@functools.cache
+def strided_copy(words: int) -> Any:
+    """copy_blocks on a capped grid: block ``b`` copies pieces ``b``, ``b + gridDim.x``, ... of
+    all pairs' pieces; each thread loads ``words`` words of K and of V before storing any."""
+
+    @cuda.jit
+    def kernel(key, value, mapping):
+        size = key.shape[2]
+        step = cuda.blockDim.x
+        span = words * step
+        per_pair = (size + span - 1) // span
+        total = mapping.shape[0] * key.shape[0] * per_pair
+        k = cuda.local.array(words, uint64)
+        v = cuda.local.array(words, uint64)
+        q = cuda.blockIdx.x
+        while q < total:
+            piece = q % per_pair
+            rest = q // per_pair
+            pair = rest % mapping.shape[0]
+            layer = rest // mapping.shape[0]
+            src, dst = mapping[pair, 0], mapping[pair, 1]
+            first = piece * span + cuda.threadIdx.x
+            for j in range(words):
+                i = min(first + j * step, size - 1)
+                k[j] = key[layer, src, i]
+                v[j] = value[layer, src, i]
+            for j in range(words):
+                i = first + j * step
+                if i < size:
+                    key[layer, dst, i] = k[j]
+                    value[layer, dst, i] = v[j]
+            q += cuda.gridDim.x
+
+    return kernel
+
+
+@functools.cache
+def wide_copy(chunks: int) -> Any:
+    """copy_blocks with 16-byte loads and stores (``ld.global.v2.u64`` through inline PTX):
+    each thread copies ``chunks`` pieces of 16 bytes of K and of V, loads first. Caches as flat
+    word arrays; ``size`` words a block, a multiple of ``2 * chunks * blockDim.x``."""
+    load16, store16 = _wide_access()
+
+    @cuda.jit
+    def kernel(key, value, mapping, size):
+        src = uint64(mapping[cuda.blockIdx.x, 0]) * uint64(size)
+        dst = uint64(mapping[cuda.blockIdx.x, 1]) * uint64(size)
+        step = uint64(2 * cuda.blockDim.x)
+        i = uint64(cuda.blockIdx.z) * step * uint64(chunks) + uint64(2 * cuda.threadIdx.x)
+        k0, k1 = load16(key, src + i)
+        v0, v1 = load16(value, src + i)
+        if chunks == 2:
+            k2, k3 = load16(key, src + i + step)
+            v2, v3 = load16(value, src + i + step)
+        store16(key, dst + i, k0, k1)
+        store16(value, dst + i, v0, v1)
+        if chunks == 2:
+            store16(key, dst + i + step, k2, k3)
+            store16(value, dst + i + step, v2, v3)
+
+    return kernel
+
+
+@functools.cache
+def _wide_access() -> tuple[Any, Any]:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    i64 = ir.IntType(64)
+
+    def address(context: Any, builder: Any, ty: Any, array: Any, index: Any) -> Any:
+        data = context.make_array(ty)(context, builder, array).data
+        return builder.ptrtoint(builder.gep(data, [index]), i64)
+
+    @intrinsic
+    def load16(typingctx, words, at):  # noqa: ANN001, ANN202
+        sig = types.UniTuple(types.uint64, 2)(words, types.uint64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i64])
+            got = builder.asm(
+                fn,
+                "{ .reg .u64 g; cvta.to.global.u64 g, $2; ld.global.v2.u64 {$0, $1}, [g]; }",
+                "=l,=l,l",
+                [address(context, builder, sig.args[0], args[0], args[1])],
+                True,
+            )
+            values = [builder.extract_value(got, i) for i in range(2)]
+            return context.make_tuple(builder, sig.return_type, values)
+
+        return sig, codegen
+
+    @intrinsic
+    def store16(typingctx, words, at, lo, hi):  # noqa: ANN001, ANN202
+        sig = types.void(words, types.uint64, types.uint64, types.uint64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(ir.VoidType(), [i64] * 3)
+            builder.asm(
+                fn,
+                "{ .reg .u64 g; cvta.to.global.u64 g, $0; st.global.v2.u64 [g], {$1, $2}; }",
+                "l,l,l,~{memory}",
+                [address(context, builder, sig.args[0], args[0], args[1]), args[2], args[3]],
+                True,
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return load16, store16
+
+
+def copy_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
+    print("\n## 5. copy_blocks on capped grids (one layer, blocks of 16 x 8 x 128 float16)")
+    shape = gpu.CacheShape()
+    rng = np.random.default_rng(7)
+    cache = (1, shape.num_blocks, shape.block_elems)
+    k = gpu.device_random(cache, shape.dtype, 21)
+    v = gpu.device_random(cache, shape.dtype, 22)
+    kw, vw = cache_ops.as_words(k), cache_ops.as_words(v)
+    size = kw.shape[2]
+    for n in (256, 1024):
+        maps = gpu.pair_sets(rng, shape.num_blocks, n)
+        nbytes = 2 * 2 * n * shape.block_bytes
+        m = maps[0].copy_to_host()
+
+        def share(ms: float, nbytes: int = nbytes) -> str:
+            return f"{1000 * ms:.1f} us {100 * nbytes / ms / 1e6 / copy_gbs:.0f}%"
+
+        turn = itertools.cycle(maps)
+        ms = gpu.time_ms(lambda turn=turn: cache_ops.launch_copy_blocks(k, v, next(turn)), timing)
+        print(f"{n} blocks, copy_blocks: {share(ms)}", flush=True)
+        flat_k, flat_v = kw.reshape(kw.size), vw.reshape(vw.size)
+        for chunks, threads in itertools.product((1, 2), (128, 256)):
+            kernel = wide_copy(chunks)
+            grid = (n, 1, size // (2 * chunks * threads))
+            want_k, want_v = k.copy_to_host(), v.copy_to_host()
+            want_k[0, m[:, 1]] = want_k[0, m[:, 0]]
+            want_v[0, m[:, 1]] = want_v[0, m[:, 0]]
+            kernel[grid, threads](flat_k, flat_v, maps[0], size)
+            ok = np.array_equal(k.copy_to_host(), want_k)
+            ok = ok and np.array_equal(v.copy_to_host(), want_v)
+            turn = itertools.cycle(maps)
+            ms = gpu.time_ms(
+                lambda kernel=kernel, grid=grid, t=threads, turn=turn, fk=flat_k, fv=flat_v: kernel[
+                    grid, t
+                ](fk, fv, next(turn), size),
+                timing,
+            )
+            print(
+                f"  16-byte loads, {chunks} x 16 B x {threads} threads, grid {grid}: "
+                f"{share(ms)}{'' if ok else ' WRONG'}",
+                flush=True,
+            )
+        for words, threads, per in itertools.product((2, 8), (128, 256), (8, 0)):
+            kernel = strided_copy(words)
+            pieces = n * -(-size // (words * threads))
+            grid = pieces if per == 0 else min(pieces, per * sms)
+            want_k, want_v = k.copy_to_host(), v.copy_to_host()
+            want_k[0, m[:, 1]] = want_k[0, m[:, 0]]
+            want_v[0, m[:, 1]] = want_v[0, m[:, 0]]
+            kernel[grid, threads](kw, vw, maps[0])
+            ok = np.array_equal(k.copy_to_host(), want_k)
+            ok = ok and np.array_equal(v.copy_to_host(), want_v)
+            turn = itertools.cycle(maps)
+            ms = gpu.time_ms(
+                lambda kernel=kernel, grid=grid, t=threads, turn=turn: kernel[grid, t](
+                    kw, vw, next(turn)
+                ),
+                timing,
+            )
+            print(
+                f"  {words} words x {threads} threads, grid {grid} ({per or 'all'} per SM): "
+                f"{share(ms)}{'' if ok else ' WRONG'}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    timing = gpu.Timing()
+    copy_gbs = gpu.copy_bandwidth(timing)
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    print(f"{gpu.device_name()}, {sms} SMs; copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    which = sys.argv[1:] or ["attention", "copy"]  # "merge": only the merge of "attention"
+    which += ["attention"] if "merge" in which else []
+    for name, section in (("attention", attention_sections), ("copy", copy_section)):
+        if name in which:
+            try:
+                section(timing, copy_gbs, sms)
+            except Exception:  # report and go on: device time is too scarce to stop here
+                traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()
