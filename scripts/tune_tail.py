@@ -1,7 +1,7 @@
 """Time what the last, partly filled wave of thread blocks costs, and what the merge and the
 copies gain from grids that fill the GPU.
 
-    python3 scripts/tune_tail.py [attention] [merge] [copy]
+    python3 scripts/tune_tail.py [attention] [merge] [copy] [ceiling]
 
 1. How many one-warp blocks of attention version 5 an SM holds (the driver's occupancy query),
    so how many blocks make one wave.
@@ -14,6 +14,8 @@ copies gain from grids that fill the GPU.
    dimensions split over several blocks), small and large batches.
 5. copy_blocks with 16-byte loads and stores, and over a grid capped at a few blocks per SM,
    each block walking several pieces.
+6. Version 5's copies alone, without its arithmetic, on minipaged's cache layout and on a
+   head-major one: the ceiling of its data movement.
 
 Every attention variant is compared with version 2's output first; one that disagrees is
 reported, not timed. Timings as in ``minipaged bench`` (CUDA events, median).
@@ -31,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import cuda, uint64
+from numba import cuda, int32, uint64
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipaged.bench import gpu  # noqa: E402
-from minipaged.kernels import attention, attention_v4, attention_v5, cache_ops  # noqa: E402
+from minipaged.kernels import attention, attention_v3, attention_v4, attention_v5, cache_ops  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*under-utilization")
 
@@ -154,6 +156,107 @@ def merge_section(timing: gpu.Timing, copy_gbs: float) -> None:
             name = "version 2's reduction" if t is None else name
             print(f"  merge alone, {name}: {cell} (share of the whole batch's bytes)", flush=True)
         del c
+
+
+@functools.cache
+def ring_probe(block_size: int, words: int, stages: int) -> Any:
+    """Version 5's stream of copies with the arithmetic taken out: grid ``(kv_heads, seqs,
+    parts)`` of one warp, the partition's block numbers read into shared memory, K's blocks then
+    V's through a ring of ``stages`` buffers by ``cp.async``, each landed buffer touched once.
+    What it reaches is the ceiling of version 5's data movement. ``row_words`` is the distance
+    between a block's token rows, ``head_stride`` the kv head's offset in a block and
+    ``id_scale`` multiplies block numbers: ``(heads * words, words, 1)`` for minipaged's layout
+    ``[block, token, head, dim]``, ``(words, block_size * words, heads)`` for a head-major one
+    ``[block, head, token, dim]``, where one head's rows of a block are one run of bytes."""
+    ring_row = words + attention_v5.PAD_WORDS
+    fetch, advance, copy_offsets = attention_v4.make_ring(
+        block_size, words, ring_row, attention_v5.WARP, stages
+    )
+    wait = attention_v4._wait_for(stages - 2)
+    shift = block_size.bit_length() - 1
+    ids_at = 2 * stages * block_size * ring_row  # in 32-bit words
+
+    @cuda.jit
+    def kernel(out, keys, values, tables, lens, partition, row_words, head_stride, id_scale):
+        kv_head, seq, part = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        lane = cuda.threadIdx.x
+        start = part * partition
+        if start >= lens[seq]:
+            return
+        end = min(start + partition, lens[seq])
+        ring = cuda.shared.array(0, uint64)
+        ids = cuda.shared.array(0, int32)[ids_at : ids_at + (partition >> shift)]
+        first = start >> shift
+        blocks = ((end - 1) >> shift) - first + 1
+        for i in range(lane, blocks, attention_v5.WARP):
+            ids[i] = tables[seq, first + i] * id_scale
+        cuda.syncthreads()
+        to_ring, to_cache = copy_offsets(row_words, kv_head * head_stride)
+        at = uint64(0)
+        for j in range(stages - 1):
+            fetch(ring, at, keys, ids, j, row_words, to_ring, to_cache, j < blocks)
+            at = advance(at)
+        here = uint64(0)
+        seen = uint64(0)
+        for j in range(2 * blocks):
+            wait()
+            cuda.syncthreads()
+            n = j + stages - 1
+            if n < blocks:
+                fetch(ring, at, keys, ids, n, row_words, to_ring, to_cache, True)
+            else:
+                n -= blocks
+                fetch(ring, at, values, ids, n, row_words, to_ring, to_cache, n < blocks)
+            at = advance(at)
+            seen ^= ring[here + uint64(lane)]
+            here = advance(here)
+        out[seq, kv_head, part, lane] = seen
+
+    return kernel
+
+
+def ceiling_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
+    print("\n## 6. the ring alone (version 5's copies, no arithmetic), two cache layouts")
+    for seqs, ctx, heads, kv in ((64, 4096, 32, 8), (32, 8192, 32, 8), (64, 4096, 32, 32)):
+        shape = gpu.AttentionShape(seqs, ctx, heads, kv)
+        a = gpu.attention_inputs(shape, 4)
+        keys = attention_v3._flat_words(a.key_cache)
+        values = attention_v3._flat_words(a.value_cache)
+        words = shape.head_dim // 4
+        group = heads // kv
+        for name, launch in (
+            ("version 5, 512 tokens, 3 buffers", lambda a=a: attention_v5.launch_v5(a)),
+            ("its reduction alone", lambda a=a: attention_v5.merge_partitions(a, 512, None)),
+        ):
+            ms = gpu.time_ms(launch, timing)
+            share = shape.kv_bytes() / ms / 1e6 / copy_gbs
+            print(f"{heads}/{kv} {seqs} x {ctx}, {name}: {1000 * ms:.1f} us {100 * share:.1f}%")
+        for stages in (3, 4):
+            kernel = ring_probe(16, words, stages)
+            parts = -(-ctx // 512)
+            out = cuda.device_array((seqs, kv, parts, attention_v5.WARP), np.uint64)
+            natural = 8 * stages * 16 * (words + attention_v5.PAD_WORDS) + 4 * (512 // 16)
+            as_v5 = attention_v5.shared_bytes(group, shape.head_dim, 16, 512, stages)
+            layouts = {
+                "[block, token, head, dim]": (kv * words, words, 1),
+                "[block, head, token, dim]": (words, 16 * words, kv),
+            }
+            for name, (row, stride, scale) in layouts.items():
+                for shared in (natural, as_v5):
+                    args = (out, keys, values, a.block_tables, a.seq_lens, 512,
+                            np.uint64(row), stride, scale)  # fmt: skip
+                    launch = lambda k=kernel, g=(kv, seqs, parts), sh=shared, x=args: k[  # noqa: E731
+                        g, attention_v5.WARP, 0, sh
+                    ](*x)
+                    launch()
+                    ms = gpu.time_ms(launch, timing)
+                    share = shape.kv_bytes() / ms / 1e6 / copy_gbs
+                    print(
+                        f"{heads}/{kv} {seqs} x {ctx}, {stages} stages, {name}, {shared} B "
+                        f"shared: {1000 * ms:.1f} us {100 * share:.1f}%",
+                        flush=True,
+                    )
+        del a
 
 
 @functools.cache
@@ -340,9 +443,14 @@ def main() -> None:
     copy_gbs = gpu.copy_bandwidth(timing)
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
     print(f"{gpu.device_name()}, {sms} SMs; copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
-    which = sys.argv[1:] or ["attention", "copy"]  # "merge": only the merge of "attention"
+    which = sys.argv[1:] or ["attention", "copy", "ceiling"]  # "merge": only attention's merge
     which += ["attention"] if "merge" in which else []
-    for name, section in (("attention", attention_sections), ("copy", copy_section)):
+    sections = (
+        ("attention", attention_sections),
+        ("copy", copy_section),
+        ("ceiling", ceiling_section),
+    )
+    for name, section in sections:
         if name in which:
             try:
                 section(timing, copy_gbs, sms)
