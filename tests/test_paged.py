@@ -9,6 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from minipaged.alloc import paged as library_paged
 from minipaged.alloc.base import Allocation
 from minipaged.alloc.paged import PagedAllocator
 from minipaged.errors import (
@@ -119,6 +120,26 @@ def test_numpy_block_ids_are_accepted():
     p.take(np.int64(2))
     assert p.incref(np.int32(2)) == 2
     assert p.free_queue() == [0, 1, 3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unchecked_fast_paths_change_the_pool_as_the_checked_calls_do(seed):
+    """``_take``, ``_share`` and ``_drop`` (what the block manager calls for ids from its own
+    tables) are ``take``, ``incref`` and ``decref`` without the checks: on valid ids they return
+    the same counts and leave the same queue. Library internals, so the library's class."""
+    rng = np.random.default_rng(seed)
+    checked, fast = library_paged.PagedAllocator(8, 2), library_paged.PagedAllocator(8, 2)
+    for _ in range(200):
+        b = int(rng.integers(8))
+        if checked.is_free(b):
+            ops = [(checked.take, fast._take)]
+        else:
+            ops = [(checked.incref, fast._share), (checked.decref, fast._drop)]
+        checked_op, fast_op = ops[int(rng.integers(len(ops)))]
+        assert checked_op(b) == fast_op(b)
+        assert snapshot(fast) == snapshot(checked)
+        if checked.num_free_blocks and rng.random() < 0.2:  # keep the queue's order moving
+            assert checked.allocate_block() == fast.allocate_block()
 
 
 def test_alloc_takes_ceil_blocks_from_head():

@@ -56,7 +56,9 @@ class PagedAllocator(Allocator):
     queue.
 
     Invariant: every block is either in the free queue (exactly once) with ref count 0, or out of
-    it with ref count >= 1. Every method checks all its preconditions before changing anything.
+    it with ref count >= 1. Every public method checks all its preconditions before changing
+    anything; the private ``_take``, ``_share`` and ``_drop`` are the same changes unchecked,
+    for a caller that already knows the preconditions hold (see "unchecked fast paths").
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -107,8 +109,7 @@ class PagedAllocator(Allocator):
         b = self._block(block_id)
         if b not in self._free:
             raise InvalidState(f"block {b} is not free (ref count {self._refs[b]})")
-        del self._free[b]
-        self._refs[b] = 1
+        self._take(b)
 
     def incref(self, block_id: int) -> int:
         """Add a holder to a block in use; returns the new count. ``InvalidState`` if the block
@@ -116,8 +117,7 @@ class PagedAllocator(Allocator):
         b = self._block(block_id)
         if self._refs[b] == 0:
             raise InvalidState(f"cannot share block {b}: it is free")
-        self._refs[b] += 1
-        return self._refs[b]
+        return self._share(b)
 
     def decref(self, block_id: int) -> int:
         """Drop a holder; returns the new count. At 0 the block goes to the tail of the free
@@ -125,10 +125,7 @@ class PagedAllocator(Allocator):
         b = self._block(block_id)
         if self._refs[b] == 0:
             raise DoubleFree(f"block {b} is already free")
-        self._refs[b] -= 1
-        if self._refs[b] == 0:
-            self._free[b] = None
-        return self._refs[b]
+        return self._drop(b)
 
     def refcount(self, block_id: int) -> int:
         return self._refs[self._block(block_id)]
@@ -140,7 +137,7 @@ class PagedAllocator(Allocator):
         For hot loops over block ids already known to be valid (the block manager's decode step
         reads one count per sequence), where ``refcount``'s validation of each id would cost
         more than the read. Read it only: counts change through ``take``, ``incref`` and
-        ``decref``, which keep the free queue in step with them."""
+        ``decref`` (or their unchecked forms below), which keep the free queue in step."""
         return self._refs
 
     def is_free(self, block_id: int) -> bool:
@@ -149,6 +146,36 @@ class PagedAllocator(Allocator):
     def free_queue(self) -> list[int]:
         """The free block ids, head (next to be allocated) first."""
         return list(self._free)
+
+    # ----- unchecked fast paths --------------------------------------------------------------
+    #
+    # What ``take``, ``incref`` and ``decref`` do once their checks have passed (they call
+    # these, so each change is written once). They are for a caller that knows the
+    # preconditions from its own invariant and calls them so often that checking each id again
+    # is wasted work: the block manager, whose ids all come from its own block tables (a block
+    # in a table is a valid block in use), calls ``_drop`` once per block it frees. They check
+    # nothing: a wrong id breaks the pool's invariant silently instead of raising, so ids from
+    # outside must go through the public methods.
+
+    def _take(self, b: int) -> None:
+        """``take`` for a block known to be free: unlink it from the queue, count 1."""
+        del self._free[b]
+        self._refs[b] = 1
+
+    def _share(self, b: int) -> int:
+        """``incref`` for a block known to be in use; returns the new count."""
+        count = self._refs[b] + 1
+        self._refs[b] = count
+        return count
+
+    def _drop(self, b: int) -> int:
+        """``decref`` for a block known to be in use; returns the new count. At 0 the block
+        goes to the tail of the free queue."""
+        count = self._refs[b] - 1
+        self._refs[b] = count
+        if count == 0:
+            self._free[b] = None
+        return count
 
     # ----- common Allocator interface ----------------------------------------------------------
 
