@@ -476,6 +476,14 @@ def launch_v2(a: AttentionArgs, partition_size: int = PARTITION_SIZE) -> None:
         a.scale,
         partition_size,
     )
+    reduce_partitions(a, partition_size)
+
+
+def reduce_partitions(a: AttentionArgs, partition_size: int) -> None:
+    """Merge the partitions in ``a``'s workspace into ``a.out`` with version 2's reduction
+    kernel: the second launch of every partitioned version (2 to 5)."""
+    num_seqs, num_heads, _ = a.shape
+    partial_out, max_logits, exp_sums = a.workspace(partition_size)
     paged_attention_v2_reduce_kernel[(num_heads, num_seqs), a.threads](
         a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
     )

@@ -467,9 +467,7 @@ def launch_v3(
         a.scale,
         partition_size,
     )
-    v2.paged_attention_v2_reduce_kernel[(num_heads, num_seqs), a.threads](
-        a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
-    )
+    v2.reduce_partitions(a, partition_size)
 
 
 def _flat_words(cache: Any) -> Any:

@@ -591,9 +591,7 @@ def launch_v4(
         a.scale,
         partition_size,
     )
-    v2.paged_attention_v2_reduce_kernel[(num_heads, num_seqs), a.threads](
-        a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
-    )
+    v2.reduce_partitions(a, partition_size)
 
 
 def _address(array: Any) -> int:

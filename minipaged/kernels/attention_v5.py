@@ -661,13 +661,11 @@ def merge_partitions(
     ``merge_partitions_kernel`` on ``threads`` threads and ``splits`` blocks a head (None:
     ``merge_splits``'s choice; it must divide head_dim), or with version 2's reduction when
     ``threads`` is None."""
+    if threads is None:
+        v2.reduce_partitions(a, partition_size)
+        return
     num_seqs, num_heads, head_dim = a.shape
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
-    if threads is None:
-        v2.paged_attention_v2_reduce_kernel[(num_heads, num_seqs), a.threads](
-            a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
-        )
-        return
     if splits is None:
         splits = merge_splits(head_dim, num_heads * num_seqs)
     if splits < 1 or head_dim % splits:
