@@ -573,7 +573,6 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
 
 # --- merging many partitions ----------------------------------------------------------------------
 
-MERGE_THREADS = 32 if config.ENABLE_CUDASIM else 256
 MERGE_UNROLL = 4  # partitions whose partial outputs a thread loads before adding any
 MERGE_BLOCKS = 128  # a merge grid is split over head dimensions up to this many blocks
 MERGE_MIN_DIMS = 32  # and no further than this many dimensions a block
@@ -641,9 +640,10 @@ def merge_splits(head_dim: int, pairs: int) -> int:
     """How many merge blocks share one head, for ``pairs`` (head, sequence) pairs: double it
     while the grid stays within ``MERGE_BLOCKS`` blocks and each block keeps at least
     ``MERGE_MIN_DIMS`` dimensions. Measured on an H200 (docs/benchmarks.md): at 1 x 32k (32
-    pairs) 4 blocks a head took 8.1 us against 12.6 us for one; at 8 x 16k (256 pairs) one block a
-    head was the fastest, and 4 took 16.2 us against 10.1: every block recomputes its head's
-    weights, so splitting pays only while the grid is too small to fill the GPU."""
+    pairs) 4 blocks a head took 8.1 us against 12.6 us for one; at 8 x 16k (256 pairs) one
+    block a head was as fast as any split, and 4 took 16.2 us against 10.1: every block
+    recomputes its head's weights, so splitting pays only while the grid is too small to fill
+    the GPU."""
     splits = 1
     while (
         2 * splits * pairs <= MERGE_BLOCKS
