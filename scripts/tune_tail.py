@@ -381,6 +381,7 @@ def copy_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
     v = gpu.device_random(cache, shape.dtype, 22)
     kw, vw = cache_ops.as_words(k), cache_ops.as_words(v)
     size = kw.shape[2]
+    flat_k, flat_v = kw.reshape(kw.size), vw.reshape(vw.size)  # for the 16-byte kernel
     for n in (256, 1024):
         maps = gpu.pair_sets(rng, shape.num_blocks, n)
         nbytes = 2 * 2 * n * shape.block_bytes
@@ -392,50 +393,39 @@ def copy_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
         turn = itertools.cycle(maps)
         ms = gpu.time_ms(lambda turn=turn: cache_ops.launch_copy_blocks(k, v, next(turn)), timing)
         print(f"{n} blocks, copy_blocks: {share(ms)}", flush=True)
-        flat_k, flat_v = kw.reshape(kw.size), vw.reshape(vw.size)
-        for chunks, threads in itertools.product((1, 2), (128, 256)):
-            kernel = wide_copy(chunks)
-            grid = (n, 1, size // (2 * chunks * threads))
+
+        def checked_time(launch: Callable[[Any], None], m: Any = m, maps: list = maps) -> str:
+            """Run ``launch(pairs)`` once on the first mapping and compare both caches with
+            NumPy's copy, then time it cycling through the mappings."""
             want_k, want_v = k.copy_to_host(), v.copy_to_host()
             want_k[0, m[:, 1]] = want_k[0, m[:, 0]]
             want_v[0, m[:, 1]] = want_v[0, m[:, 0]]
-            kernel[grid, threads](flat_k, flat_v, maps[0], size)
+            launch(maps[0])
             ok = np.array_equal(k.copy_to_host(), want_k)
             ok = ok and np.array_equal(v.copy_to_host(), want_v)
             turn = itertools.cycle(maps)
-            ms = gpu.time_ms(
-                lambda kernel=kernel, grid=grid, t=threads, turn=turn, fk=flat_k, fv=flat_v: kernel[
-                    grid, t
-                ](fk, fv, next(turn), size),
-                timing,
+            ms = gpu.time_ms(lambda: launch(next(turn)), timing)
+            return f"{share(ms)}{'' if ok else ' WRONG'}"
+
+        for chunks, threads in itertools.product((1, 2), (128, 256)):
+            kernel = wide_copy(chunks)
+            grid = (n, 1, size // (2 * chunks * threads))
+            cell = checked_time(
+                lambda pairs, kernel=kernel, grid=grid, t=threads: kernel[grid, t](
+                    flat_k, flat_v, pairs, size
+                )
             )
-            print(
-                f"  16-byte loads, {chunks} x 16 B x {threads} threads, grid {grid}: "
-                f"{share(ms)}{'' if ok else ' WRONG'}",
-                flush=True,
-            )
+            name = f"16-byte loads, {chunks} x 16 B x {threads} threads, grid {grid}"
+            print(f"  {name}: {cell}", flush=True)
         for words, threads, per in itertools.product((2, 8), (128, 256), (8, 0)):
             kernel = strided_copy(words)
             pieces = n * -(-size // (words * threads))
             grid = pieces if per == 0 else min(pieces, per * sms)
-            want_k, want_v = k.copy_to_host(), v.copy_to_host()
-            want_k[0, m[:, 1]] = want_k[0, m[:, 0]]
-            want_v[0, m[:, 1]] = want_v[0, m[:, 0]]
-            kernel[grid, threads](kw, vw, maps[0])
-            ok = np.array_equal(k.copy_to_host(), want_k)
-            ok = ok and np.array_equal(v.copy_to_host(), want_v)
-            turn = itertools.cycle(maps)
-            ms = gpu.time_ms(
-                lambda kernel=kernel, grid=grid, t=threads, turn=turn: kernel[grid, t](
-                    kw, vw, next(turn)
-                ),
-                timing,
+            cell = checked_time(
+                lambda pairs, kernel=kernel, grid=grid, t=threads: kernel[grid, t](kw, vw, pairs)
             )
-            print(
-                f"  {words} words x {threads} threads, grid {grid} ({per or 'all'} per SM): "
-                f"{share(ms)}{'' if ok else ' WRONG'}",
-                flush=True,
-            )
+            name = f"{words} words x {threads} threads, grid {grid} ({per or 'all'} per SM)"
+            print(f"  {name}: {cell}", flush=True)
 
 
 def main() -> None:
