@@ -126,13 +126,18 @@ _B_MAP = np.array([[fragment_b(lane, i) for i in range(4)] for lane in range(WAR
 
 if config.ENABLE_CUDASIM:
 
+    def _warp_posts(posted):  # noqa: ANN001, ANN202
+        """Simulator: this thread's lane and its warp's ``6 * WARP`` words of ``posted``, where
+        the lanes of one warp meet to exchange registers."""
+        lane = cuda.threadIdx.x % WARP
+        return lane, posted[(cuda.threadIdx.x - lane) * 6 :][: 6 * WARP]
+
     @cuda.jit(device=True)
     def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, posted):
         """Simulator: every lane posts its registers in ``posted`` (shared memory, ``6 * WARP``
         words a warp), then each computes its four values of ``A @ B + C`` from everyone's.
         Every lane of the warp calls it, as on the GPU."""
-        lane = cuda.threadIdx.x % WARP
-        mine = posted[(cuda.threadIdx.x - lane) * 6 :][: 6 * WARP]
+        lane, mine = _warp_posts(posted)
         mine[6 * lane : 6 * lane + 6] = (a0, a1, a2, a3, b0, b1)
         cuda.syncthreads()
         halves = mine.copy().view(np.float16).astype(np.float64).reshape(WARP, 12)
@@ -149,8 +154,7 @@ if config.ENABLE_CUDASIM:
 
     def _ldsm_lanes(at, posted):  # noqa: ANN001, ANN202
         """Simulator: every lane posts its row address, then reads everyone's."""
-        lane = cuda.threadIdx.x % WARP
-        mine = posted[(cuda.threadIdx.x - lane) * 6 :][: 6 * WARP]
+        lane, mine = _warp_posts(posted)
         mine[6 * lane] = at
         cuda.syncthreads()
         rows = mine[::6].copy()
@@ -725,9 +729,14 @@ BLOCK_RESERVED_BYTES = 1024  # what the hardware keeps of it for every resident 
 MIN_WAVES = 1.5  # a small batch keeps 512-token partitions if its grid is at least this long
 
 
+def default_blocks(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+    """Thread blocks of a batch's grid at the default 512-token partitions."""
+    return num_seqs * num_kv_heads * -(-max_seq_len // v3.PARTITION_SIZE)
+
+
 def small_grid(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> bool:
     """Whether a batch has fewer than ``SMALL_GRID`` thread blocks at 512-token partitions."""
-    return num_seqs * num_kv_heads * -(-max_seq_len // v3.PARTITION_SIZE) < SMALL_GRID
+    return default_blocks(num_seqs, num_kv_heads, max_seq_len) < SMALL_GRID
 
 
 @functools.cache
@@ -763,13 +772,13 @@ def choose_launch(
     if not small_grid(num_seqs, num_kv_heads, max_seq_len):
         return default
     stages = SMALL_GRID_STAGES
-    blocks = num_seqs * num_kv_heads * -(-max_seq_len // v3.PARTITION_SIZE)
+    blocks = default_blocks(num_seqs, num_kv_heads, max_seq_len)
     shared = shared_bytes(group, head_dim, block_size, v3.PARTITION_SIZE, stages)
     long = waves(blocks, shared - 4 * POSTED)  # (as on a GPU, without the simulator's part)
     first = v3.PARTITION_SIZE if long >= MIN_WAVES else SMALL_GRID_PARTITION
+    heads = group * num_kv_heads
     for partition in (first, SMALL_GRID_PARTITION):
         partition = max(partition, block_size)
-        heads = group * num_kv_heads
         if supports(np.float16, heads, num_kv_heads, head_dim, block_size, partition, stages):
             continue
         return partition, stages, SMALL_GRID_MERGE
