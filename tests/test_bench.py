@@ -57,6 +57,12 @@ def test_bench_copy_and_cache_report_every_count_and_thread_setting() -> None:
     assert [r["tokens"] for r in writes] == [2, 6]
 
 
+def test_bench_copy_counts_the_bytes_of_every_layer() -> None:
+    shape = gpu.CacheShape(8, 2, 1, 8, counts=(3,), layers=4)
+    (row,) = gpu.bench_copy_blocks(shape, 1.0, TINY, threads=(8,))
+    assert row["layers"] == 4 and row["bytes"] == 4 * 2 * 2 * 3 * shape.block_bytes
+
+
 def test_help_lists_the_sections_and_goals(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         cli.main(["bench", "--help"])
@@ -72,6 +78,7 @@ def test_help_lists_the_sections_and_goals(capsys: pytest.CaptureFixture[str]) -
         (["bench", "--threads", "128,x"], "expected numbers separated by commas"),
         (["bench", "--threads", "2048"], "thread counts must be in 1..1024"),
         (["bench", "--samples", "0"], "must be at least 1"),
+        (["bench", "copy", "--layers", "0"], "must be at least 1"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_message(

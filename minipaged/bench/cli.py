@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from typing import Any
 
@@ -23,7 +24,8 @@ EPILOG = """\
 sections:
   attention      decode, float16, head_dim 128, block 16, 32 query heads over 8 kv heads and
                  over 32, batch x context 1 x 32768 ... 256 x 1024
-  copy           copy_blocks of 1 ... 4096 blocks of 16 tokens x 8 heads x 128 (one layer)
+  copy           copy_blocks of 1 ... 4096 blocks of 16 tokens x 8 heads x 128 (one layer;
+                 --layers 32: every pair in each of 32 layers, one launch, as an engine does)
   cache          reshape_and_cache of the tokens of 1 ... 4096 such blocks
   block-manager  BlockManager on a decode-heavy trace of 100,000 sequences (CPU, one core)
 
@@ -59,6 +61,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=_thread_counts,
         help="threads per block to compare in the copy and cache sections, e.g. 128,256,1024",
+    )
+    p.add_argument(
+        "--layers",
+        type=int_at_least(1),
+        default=1,
+        help="layers of the copy section's cache, copied in one launch (default 1; 0.5 GiB each)",
     )
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     p.set_defaults(func=run)
@@ -216,13 +224,16 @@ def _run_gpu(sections: list[str], args: argparse.Namespace, results: dict[str, A
             _say(line)
         results["attention"] = rows
     shape = gpu.CacheShape(64, 4, 2, 32, counts=(1, 4, 16)) if args.quick else gpu.CacheShape()
+    layers = args.layers
     threads = {"threads": args.threads} if args.threads else {}
-    for section, key, bench, title in (
-        ("copy", "copy_blocks", gpu.bench_copy_blocks, "K and V, one layer"),
-        ("cache", "reshape_and_cache", gpu.bench_reshape_and_cache, "tokens of n blocks"),
-    ):
+    for section, key, bench, title, copy_shape in (
+        ("copy", "copy_blocks", gpu.bench_copy_blocks,
+         f"K and V, {layers} layer{'s' if layers > 1 else ''}, one launch",
+         replace(shape, layers=layers)),
+        ("cache", "reshape_and_cache", gpu.bench_reshape_and_cache, "tokens of n blocks", shape),
+    ):  # fmt: skip
         if section in sections:
-            rows = bench(shape, copy_gbs, timing, progress=_progress, **threads)
+            rows = bench(copy_shape, copy_gbs, timing, progress=_progress, **threads)
             for line in _copy_table(rows, f"== {key} ({title}) =="):
                 _say(line)
             results[key] = rows

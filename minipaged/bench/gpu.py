@@ -245,7 +245,8 @@ def bench_attention(
 
 @dataclass
 class CacheShape:
-    """A one-layer cache of ``num_blocks`` blocks of ``block_size`` tokens."""
+    """A cache of ``num_blocks`` blocks of ``block_size`` tokens, in each of ``layers`` layers
+    (copy_blocks copies a pair in every layer in one launch, as an engine calls it)."""
 
     num_blocks: int = 8192
     block_size: int = 16
@@ -253,6 +254,7 @@ class CacheShape:
     head_dim: int = 128
     dtype: Any = np.float16
     counts: tuple[int, ...] = field(default=(1, 4, 16, 64, 256, 1024, 4096))
+    layers: int = 1
 
     @property
     def block_elems(self) -> int:
@@ -287,9 +289,10 @@ def bench_copy_blocks(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Milliseconds and share of the copy bandwidth of ``copy_blocks`` for each count of
-    ``(src, dst)`` pairs (distinct random blocks; K and V of one layer), per thread count."""
+    ``(src, dst)`` pairs (distinct random blocks; K and V of ``shape.layers`` layers, all in
+    one launch), per thread count."""
     rng = np.random.default_rng(7)
-    cache = (1, shape.num_blocks, shape.block_elems)
+    cache = (shape.layers, shape.num_blocks, shape.block_elems)
     k = device_random(cache, shape.dtype, 21)
     v = device_random(cache, shape.dtype, 22)
     rows = []
@@ -297,8 +300,13 @@ def bench_copy_blocks(
         if progress:
             progress(f"copy_blocks {n} blocks")
         mappings = pair_sets(rng, shape.num_blocks, n)
-        nbytes = 2 * 2 * n * shape.block_bytes  # K and V; read and written
-        row: dict[str, Any] = {"blocks": n, "bytes": nbytes, "rotated_sets": len(mappings)}
+        nbytes = 2 * 2 * n * shape.block_bytes * shape.layers  # K and V; read and written
+        row: dict[str, Any] = {
+            "blocks": n,
+            "layers": shape.layers,
+            "bytes": nbytes,
+            "rotated_sets": len(mappings),
+        }
         for t in threads:
             turn = itertools.cycle(mappings)
             ms = time_ms(
