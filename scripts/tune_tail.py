@@ -1,7 +1,7 @@
 """Time what the last, partly filled wave of thread blocks costs, and what the merge and the
 copies gain from grids that fill the GPU.
 
-    python3 scripts/tune_tail.py [attention] [merge] [copy] [ceiling]
+    python3 scripts/tune_tail.py [attention] [merge] [copy] [ceiling] [in-order] [in-kernel]
 
 1. How many one-warp blocks of attention version 5 an SM holds (the driver's occupancy query),
    so how many blocks make one wave.
@@ -15,7 +15,10 @@ copies gain from grids that fill the GPU.
 5. copy_blocks with 16-byte loads and stores, and over a grid capped at a few blocks per SM,
    each block walking several pieces.
 6. Version 5's copies alone, without its arithmetic, on minipaged's cache layout and on a
-   head-major one: the ceiling of its data movement.
+   head-major one: the ceiling of its data movement; and the same on block tables that hold
+   each sequence's blocks in order (a contiguous cache, as SDPA reads it).
+7. Merging in the partition kernel (``IN_KERNEL``) against the merge launches, on every batch
+   of ``minipaged bench attention``.
 
 Every attention variant is compared with version 2's output first; one that disagrees is
 reported, not timed. Timings as in ``minipaged bench`` (CUDA events, median).
@@ -23,6 +26,7 @@ reported, not timed. Timings as in ``minipaged bench`` (CUDA events, median).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sys
@@ -259,6 +263,65 @@ def ceiling_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
         del a
 
 
+IN_ORDER_SHAPE = gpu.AttentionShape(64, 4096, 32, 8)
+
+
+def in_order_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
+    shape = IN_ORDER_SHAPE
+    seqs, kv, partition = shape.seqs, shape.kv_heads, 512
+    print(f"\n## 6b. shuffled against in-order block tables, {seqs} x {shape.context}, 32/{kv}")
+    a = gpu.attention_inputs(shape, 4)
+    in_order = cuda.to_device(
+        np.arange(a.block_tables.size, dtype=np.int32).reshape(a.block_tables.shape)
+    )
+    keys, values = attention_v3._flat_words(a.key_cache), attention_v3._flat_words(a.value_cache)
+    words, parts = shape.head_dim // 4, -(-shape.context // partition)
+    kernel = ring_probe(shape.block_size, words, 3)
+    out = cuda.device_array((seqs, kv, parts, attention_v5.WARP), np.uint64)
+    group = shape.heads // kv
+    shared = attention_v5.shared_bytes(group, shape.head_dim, shape.block_size, partition, 3)
+    sdpa = gpu.sdpa_ms(shape, timing)
+    if sdpa is not None:
+        print(f"SDPA: {1000 * sdpa:.1f} us {100 * shape.kv_bytes() / sdpa / 1e6 / copy_gbs:.1f}%")
+    for name, tables in (("shuffled", a.block_tables), ("in order", in_order)):
+        b = dataclasses.replace(a, block_tables=tables)
+        args = (out, keys, values, tables, a.seq_lens, partition, np.uint64(kv * words), words, 1)
+        grid = (kv, seqs, parts)
+        for what, launch in (
+            ("ring alone", lambda x=args, g=grid: kernel[g, attention_v5.WARP, 0, shared](*x)),
+            ("version 5, defaults", lambda b=b: attention_v5.launch_v5(b)),
+            ("version 5, in-kernel merge",
+             lambda b=b: attention_v5.launch_v5(b, partition, 3, attention_v5.IN_KERNEL)),
+        ):  # fmt: skip
+            launch()
+            ms = gpu.time_ms(launch, timing)
+            share = shape.kv_bytes() / ms / 1e6 / copy_gbs
+            print(f"{name} tables, {what}: {1000 * ms:.1f} us {100 * share:.1f}%", flush=True)
+    del a
+
+
+def in_kernel_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
+    print("\n## 7. merging in the partition kernel against a merge launch")
+    inside = attention_v5.IN_KERNEL
+    for shape in gpu.attention_shapes():
+        c = Checked(shape, 6)
+        kv, group = shape.kv_heads, shape.heads // shape.kv_heads
+        chosen = attention_v5.choose_launch(shape.seqs, kv, shape.context, 16, group, 128)
+        variants = {f"choose_launch {chosen}": chosen, "512, 3, v2's reduction": (512, 3, None)}
+        for partition, stages in ((512, 3), (512, 4)):
+            variants[f"{partition}, {stages}, in kernel"] = (partition, stages, inside)
+        if chosen[2] is not None and chosen[2] != inside:
+            variants[f"{chosen[0]}, {chosen[1]}, in kernel"] = (chosen[0], chosen[1], inside)
+        name = f"{shape.heads}/{kv} {shape.seqs} x {shape.context}"
+        for what, how in variants.items():
+            cell = c.time(lambda a, how=how: attention_v5.launch_v5(a, *how), timing, copy_gbs)
+            print(f"{name}, {what}: {cell}", flush=True)
+        if kv == shape.heads:
+            cell = c.time(lambda a: attention_v4.launch_v4(a, 512), timing, copy_gbs)
+            print(f"{name}, version 4: {cell}", flush=True)
+        del c
+
+
 @functools.cache
 def strided_copy(words: int) -> Any:
     """copy_blocks on a capped grid: block ``b`` copies pieces ``b``, ``b + gridDim.x``, ... of
@@ -433,12 +496,15 @@ def main() -> None:
     copy_gbs = gpu.copy_bandwidth(timing)
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
     print(f"{gpu.device_name()}, {sms} SMs; copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
-    which = sys.argv[1:] or ["attention", "copy", "ceiling"]  # "merge": only attention's merge
+    # "merge": only attention's merge section
+    which = sys.argv[1:] or ["attention", "copy", "ceiling", "in-order", "in-kernel"]
     which += ["attention"] if "merge" in which else []
     sections = (
         ("attention", attention_sections),
         ("copy", copy_section),
         ("ceiling", ceiling_section),
+        ("in-order", in_order_section),
+        ("in-kernel", in_kernel_section),
     )
     for name, section in sections:
         if name in which:

@@ -105,17 +105,48 @@ def cases(draw):
         np.array(lens, np.int32),
         draw(st.sampled_from([head_dim**-0.5, 2.0])),
     )
-    return args, partition, stages, draw(st.sampled_from([None, 16, 32, 64]))
+    merge = draw(st.sampled_from([None, attention_v5.IN_KERNEL, 16, 32, 64]))
+    return args, partition, stages, merge
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(cases())
 def test_v5_matches_reference(case: tuple) -> None:
+    """Every way to merge gives the reference. Merging in the kernel is launched twice on the
+    same workspace: the last block of each group set its counter back to zero, so the second
+    launch counts from zero again (else no block would merge, and the NaN would stay)."""
     args, partition, stages, merge_threads = case
     a = attention.prepare_attention(
         *args, out=cuda.to_device(np.full(args[0].shape, np.nan, args[0].dtype))
     )
     attention_v5.launch_v5(a, partition, stages, merge_threads)
+    close(a.out.copy_to_host(), expected(args), np.float16)
+    if merge_threads == attention_v5.IN_KERNEL:
+        kv_heads = args[1].shape[2]
+        assert (a.counters(kv_heads).copy_to_host() == 0).all()
+        a.out.copy_to_device(np.full(args[0].shape, np.nan, args[0].dtype))
+        attention_v5.launch_v5(a, partition, stages, merge_threads)
+        close(a.out.copy_to_host(), expected(args), np.float16)
+
+
+def test_merging_in_the_kernel_refuses_more_partitions_than_its_scratch_holds() -> None:
+    """2 floats a partition and head in the logits' memory: 16-token partitions hold 8, and a
+    context of 9 x 16 tokens needs 9. Refused before any launch: the output is untouched."""
+    rng = np.random.default_rng(2)
+    shape = (9, 16, 1, 16)
+    args = (
+        rng.standard_normal((1, 2, 16)).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        np.arange(9, dtype=np.int32)[None],
+        np.array([9 * 16], np.int32),
+        0.25,
+    )
+    a = attention.prepare_attention(*args, out=cuda.to_device(np.full((1, 2, 16), 7, np.float16)))
+    with pytest.raises(InvalidRequest, match="at most 8 partitions"):
+        attention_v5.launch_v5(a, 16, 2, attention_v5.IN_KERNEL)
+    assert (a.out.copy_to_host() == 7).all()
+    attention_v5.launch_v5(a, 32, 2, attention_v5.IN_KERNEL)  # 5 partitions of 32: fine
     close(a.out.copy_to_host(), expected(args), np.float16)
 
 
@@ -241,14 +272,17 @@ def test_choose_launch_shortens_partitions_only_for_grids_under_a_wave_and_a_hal
     choose = attention_v5.choose_launch
     assert not attention_v5.small_grid(64, 8, 4096)  # 4,096 blocks of 512 tokens
     assert attention_v5.small_grid(8, 32, 2048)  # 1,024
-    assert choose(64, 8, 4096, 16, 4, 128) == (512, attention_v5.STAGES, None)
+    stages, inside = attention_v5.STAGES, attention_v5.IN_KERNEL
+    assert choose(64, 8, 4096, 16, 4, 128) == (512, stages, inside)  # 8 partitions: merged inside
+    assert choose(256, 8, 1024, 16, 4, 128) == (512, stages, inside)
+    assert choose(32, 8, 8192, 16, 4, 128) == (512, stages, None)  # 16: version 2's reduction
     merge = attention_v5.SMALL_GRID_MERGE
     assert choose(1, 8, 32768, 16, 4, 128) == (256, 4, merge)  # 512 blocks: half a wave
     assert choose(8, 8, 16384, 16, 4, 128) == (512, 4, merge)  # 2,048 blocks, 8 an SM: 1.9
     assert choose(1, 32, 32768, 16, 1, 128) == (256, 4, merge)  # 2,048 blocks, 11 an SM: 1.4
     # 512 tokens of 8 heads of 256 dimensions need more than 48 KB with 4 buffers: 256 then
     assert choose(8, 8, 16384, 16, 8, 256) == (256, 4, merge)
-    assert choose(1, 8, 32768, 512, 4, 128) == (512, attention_v5.STAGES, None)  # whole blocks
+    assert choose(1, 8, 32768, 512, 4, 128) == (512, stages, None)  # whole blocks
     assert attention_v5.waves(1320, 21 * 1024) == 1.0  # 10 blocks an SM, 132 SMs
 
 

@@ -338,6 +338,7 @@ class AttentionArgs:
     threads: int
     max_seq_len: int
     _workspaces: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict, repr=False)
+    _counters: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -356,6 +357,14 @@ class AttentionArgs:
                 cuda.device_array((num_seqs, num_heads, parts), dtype=np.float32),
             )
         return self._workspaces[partition_size]
+
+    def counters(self, per_seq: int) -> Any:
+        """Zeroed int32 ``[num_seqs, per_seq]`` on the device, allocated once: a kernel that
+        counts its finished blocks in them (version 5 merging in place) leaves them zero."""
+        if per_seq not in self._counters:
+            zeros = np.zeros((self.shape[0], per_seq), dtype=np.int32)
+            self._counters[per_seq] = cuda.to_device(zeros)
+        return self._counters[per_seq]
 
     def result(self) -> Any:
         """The output in the caller's form: copied into ``host_out`` or left on the device."""

@@ -292,10 +292,17 @@ def shared_bytes(
 
 
 @functools.cache
-def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES) -> Any:
+def make_kernel(
+    group: int,
+    head_dim: int,
+    block_size: int,
+    stages: int = STAGES,
+    merges: bool = False,
+) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values, blocks of ``block_size`` tokens and a ring of ``stages`` buffers, all constants of
-    the compiled code."""
+    the compiled code; with ``merges``, the last block of each (sequence, kv head) to finish
+    also merges its partitions into the output (``merge_if_last``)."""
     words = head_dim // 4  # 8-byte words of a row
     ring_row = words + PAD_WORDS  # ring row, in 8-byte words
     row32, row16 = 2 * ring_row, 4 * ring_row  # the same in 32- and 16-bit units
@@ -353,10 +360,80 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
         fetch_item(ring, at, key_words, value_words, ids, blocks, j, row_words, to_ring, to_cache)
         return advance(at)
 
+    per_lane = -(-head_dim // WARP)  # dimensions of one head a lane merges
+    merged = group * per_lane  # (a plain constant, for the local array's size)
+
+    @cuda.jit(device=True, **INLINE)
+    def merge_if_last(
+        out, partial_out, max_logits, exp_sums, counters, scratch, flag, seq, kv_head, parts
+    ):
+        """Count this block as done with its (sequence, kv head); the last of the ``parts``
+        blocks to arrive merges the group's partitions into ``out`` as version 2's reduction
+        does (the same sums in the same order), and sets the counter back to 0 for the next
+        launch. ``scratch``: at least ``2 * group * parts`` floats of shared memory.
+
+        Why here and not in a second kernel: at 64 x 4096 version 2's reduction took 18 of
+        version 5's 301 us, mostly waiting: a launch of its own, and a thread per dimension
+        walking the partitions one dependent load after another. Here only one block in
+        ``parts`` does any of it, while the others still stream the cache, and its loads of
+        the group's partial outputs (still in L2) are all independent.
+
+        The handshake is the classic one: every block's writes are made visible to the whole
+        GPU (``threadfence``) before it counts itself, so the block that sees ``parts - 1`` as
+        the old count knows every partial result of its group is in memory."""
+        lane = cuda.threadIdx.x
+        cuda.threadfence()
+        cuda.syncthreads()
+        if lane == 0:
+            flag[0] = cuda.atomic.add(counters, (seq, kv_head), 1)
+        cuda.syncthreads()
+        if flag[0] != parts - 1:
+            return
+        cuda.threadfence()
+        n = group * parts
+        first = kv_head * group
+        for i in range(lane, n, WARP):  # scratch: [maxima | exp sums, then weights]
+            h = i // parts
+            scratch[i] = max_logits[seq, first + h, i - h * parts]
+            scratch[n + i] = exp_sums[seq, first + h, i - h * parts]
+        cuda.syncthreads()
+        for i in range(lane, n, WARP):  # weight of a partition: l_p exp(m_p - M)
+            h = i // parts
+            top = NEG_INF
+            for p in range(parts):
+                top = max(top, scratch[h * parts + p])
+            scratch[n + i] *= math.exp(scratch[i] - top)
+        cuda.syncthreads()
+        acc = cuda.local.array(merged, float32)
+        for i in range(merged):
+            acc[i] = float32(0.0)
+        # MERGE_UNROLL partitions' group * per_lane loads at once; past the last partition
+        # the loads repeat it (in bounds, no branch to wait on) and weigh 0
+        for p0 in range(0, parts, MERGE_UNROLL):
+            for u in range(MERGE_UNROLL):
+                p = min(p0 + u, parts - 1)
+                for h in range(group):
+                    w = scratch[n + h * parts + p] if p0 + u < parts else float32(0.0)
+                    for k in range(per_lane):
+                        d = min(lane + WARP * k, head_dim - 1)
+                        acc[h * per_lane + k] += w * partial_out[seq, first + h, p, d]
+        for h in range(group):
+            total = float32(0.0)
+            for p in range(parts):
+                total += scratch[n + h * parts + p]
+            for k in range(per_lane):
+                d = lane + WARP * k
+                if d < head_dim:
+                    out[seq, first + h, d] = acc[h * per_lane + k] / total
+        if lane == 0:
+            counters[seq, kv_head] = 0
+
     _block_reduce = v3._block_reduce
 
     @cuda.jit
     def paged_attention_v5_kernel(
+        out,
+        counters,
         partial_out,
         max_logits,
         exp_sums,
@@ -370,7 +447,9 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
     ):
         """Grid ``(num_kv_heads, num_seqs, num_partitions)``, one warp per block; writes what
         version 2's partition kernel writes, for the ``group`` query heads of kv head
-        ``blockIdx.x``."""
+        ``blockIdx.x``, and with ``merges`` the output too (``counters``: int32
+        ``[num_seqs, num_kv_heads]``, zero before and after the launch); without, ``out`` and
+        ``counters`` are not touched."""
         kv_head = cuda.blockIdx.x
         seq = cuda.blockIdx.y
         part = cuda.blockIdx.z
@@ -438,8 +517,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
                 qb[2 * c + h] = query_words[q_at + uint64(8 * c + 4 * h + t)] if mine else 0
 
         # 1. logits, 16 tokens at a time; lane (g, t) gets tokens g and g + 8, heads 2t and 2t+1
-        s = cuda.local.array(4, float32)
-        s2 = cuda.local.array(4, float32)
+        s = cuda.local.array(8, float32)
         top = cuda.local.array(2, float32)  # largest logit of heads 2t and 2t + 1
         top[0] = NEG_INF
         top[1] = NEG_INF
@@ -460,24 +538,18 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
             t0 = (first_block + b) << shift
             here16 = uint64(4) * here
             for tile in range(tiles):
-                for i in range(4):
+                for i in range(8):
                     s[i] = float32(0.0)
-                    s2[i] = float32(0.0)
                 at = here16 + uint64(tile * TILE * row16) + k_lane
-                for c in range(chunks):  # two chains of products, so they overlap
+                for c in range(chunks):  # two chains of products (s[0:4], s[4:8]), so they overlap
                     a0, a1, a2, a3 = _ldsm(ring16, at + uint64(16 * c), posted)
-                    if c & 1:
-                        s2[0], s2[1], s2[2], s2[3] = _mma(
-                            a0, a1, a2, a3, qb[2 * c], qb[2 * c + 1], s2[0], s2[1], s2[2], s2[3],
-                            posted,
-                        )  # fmt: skip
-                    else:
-                        s[0], s[1], s[2], s[3] = _mma(
-                            a0, a1, a2, a3, qb[2 * c], qb[2 * c + 1], s[0], s[1], s[2], s[3],
-                            posted,
-                        )  # fmt: skip
+                    o = 4 * (c & 1)
+                    q0, q1 = qb[2 * c], qb[2 * c + 1]
+                    s[o], s[o + 1], s[o + 2], s[o + 3] = _mma(
+                        a0, a1, a2, a3, q0, q1, s[o], s[o + 1], s[o + 2], s[o + 3], posted
+                    )  # fmt: skip
                 for i in range(4):
-                    s[i] += s2[i]
+                    s[i] += s[4 + i]
                 for i in range(4):
                     token = t0 + tile * TILE + g + 8 * (i >> 1)
                     head = 2 * t + (i & 1)
@@ -571,6 +643,11 @@ def make_kernel(group: int, head_dim: int, block_size: int, stages: int = STAGES
             if lane == h:
                 max_logits[seq, kv_head * group + h, part] = m[h]
                 exp_sums[seq, kv_head * group + h, part] = stat[h]
+        if merges:  # the logits are spent: their memory is the merge's scratch
+            parts = (seq_len + partition_size - 1) // partition_size
+            merge_if_last(
+                out, partial_out, max_logits, exp_sums, counters, logits, ids, seq, kv_head, parts
+            )
 
     return paged_attention_v5_kernel
 
@@ -727,6 +804,7 @@ SMALL_GRID_MERGE = 32 if config.ENABLE_CUDASIM else 256
 SM_SHARED_BYTES = 228 * 1024  # shared memory of one SM of an H100 or H200
 BLOCK_RESERVED_BYTES = 1024  # what the hardware keeps of it for every resident block
 MIN_WAVES = 1.5  # a small batch keeps 512-token partitions if its grid is at least this long
+IN_KERNEL_PARTS = 8  # a large batch merges in the partition kernel up to this many partitions
 
 
 def default_blocks(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
@@ -756,19 +834,25 @@ def choose_launch(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int, group: int, head_dim: int
 ) -> tuple[int, int, int | None]:
     """``(partition_size, stages, merge_threads)`` for a batch with ``group`` query heads per
-    kv head: the defaults (512 tokens, ``STAGES`` buffers, version 2's reduction), or for a
-    batch whose grid at 512-token partitions has fewer than ``SMALL_GRID`` thread blocks, a
-    ring of 4 buffers, ``merge_partitions_kernel``, and 512-token partitions if that grid is
-    still ``MIN_WAVES`` waves long, else 256 (twice the blocks).
+    kv head: the defaults (512 tokens, ``STAGES`` buffers, merged in the partition kernel up to
+    ``IN_KERNEL_PARTS`` partitions, else by version 2's reduction), or for a batch whose grid
+    at 512-token partitions has fewer than ``SMALL_GRID`` thread blocks, a ring of 4 buffers,
+    ``merge_partitions_kernel``, and 512-token partitions if that grid is still ``MIN_WAVES``
+    waves long, else 256 (twice the blocks).
 
     Why: a thread block is one warp, and an SM holds about 10 of them; a grid of a few waves
     leaves SMs idle in its last one, and one under a wave cannot fill them at all. Measured on
     an H200 (docs/benchmarks.md): with 32 query heads over 8 kv heads, 1 x 32k (0.5 waves at
     512 tokens) went from 48% of the copy bandwidth to 60% with 256-token partitions and the
     merge kernel, and 8 x 16k (1.9 waves) from 76% to 81% with 512-token ones and the merge
-    kernel; 64 x 4096 (4,096 blocks) is faster on the defaults. The first choice that version
-    5 cannot run (too much shared memory) falls back to the next, down to the defaults."""
-    default = (v3.PARTITION_SIZE, STAGES, None)
+    kernel; 64 x 4096 (4,096 blocks) is faster on the defaults. Merging in the kernel saved 7
+    to 21 us (2 to 7%) from 64 x 4096 (8 partitions) to 256 x 1024 (2), where version 2's
+    reduction took 18 to 29 us, but lost 5 us at 32 x 8192 (16 partitions), and far more with
+    the dozens of partitions of small batches: one warp merges a whole group. The first choice
+    that version 5 cannot run (too much shared memory) falls back to the next, down to the
+    defaults."""
+    parts = -(-max_seq_len // v3.PARTITION_SIZE)
+    default = (v3.PARTITION_SIZE, STAGES, IN_KERNEL if parts <= IN_KERNEL_PARTS else None)
     if not small_grid(num_seqs, num_kv_heads, max_seq_len):
         return default
     stages = SMALL_GRID_STAGES
@@ -785,6 +869,9 @@ def choose_launch(
     return default
 
 
+IN_KERNEL = 0  # merge_threads for "no merge launch: the partition kernel merges its groups"
+
+
 def launch_v5(
     a: v2.AttentionArgs,
     partition_size: int = v3.PARTITION_SIZE,
@@ -792,15 +879,26 @@ def launch_v5(
     merge_threads: int | None = None,
 ) -> None:
     """Launch version 5 on checked inputs: its partition kernel, then ``merge_partitions``
-    (``merge_threads`` None: version 2's reduction)."""
+    (``merge_threads`` None: version 2's reduction); with ``merge_threads = IN_KERNEL`` the
+    partition kernel merges too, and there is no second launch. That needs ``2 * group``
+    floats a partition in the logits' shared memory: at most ``partition_size // 2``
+    partitions."""
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     stages = v.check_int("stages", stages, 1, 16)
     if merge_threads is not None:
-        merge_threads = v.check_int("merge_threads", merge_threads, 1, 1024)
+        merge_threads = v.check_int("merge_threads", merge_threads, IN_KERNEL, 1024)
         if merge_threads & (merge_threads - 1):
             raise InvalidRequest(f"merge_threads must be a power of two, got {merge_threads}")
+    in_kernel = merge_threads == IN_KERNEL
+    parts = -(-a.max_seq_len // partition_size)
+    if in_kernel and 2 * parts > partition_size:
+        raise InvalidRequest(
+            f"{parts} partitions of {partition_size} tokens: merging in the kernel keeps 2 "
+            f"floats a partition in the logits' shared memory, so at most "
+            f"{partition_size // 2} partitions"
+        )
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, stages
     )
@@ -812,10 +910,11 @@ def launch_v5(
             raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
     group = num_heads // kv_heads
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
-    parts = partial_out.shape[2]
     shared = shared_bytes(group, head_dim, block_size, partition_size, stages)
-    kernel = make_kernel(group, head_dim, block_size, stages)
+    kernel = make_kernel(group, head_dim, block_size, stages, in_kernel)
     kernel[(kv_heads, num_seqs, parts), WARP, 0, shared](
+        a.out,
+        a.counters(kv_heads),
         partial_out,
         max_logits,
         exp_sums,
@@ -827,7 +926,8 @@ def launch_v5(
         a.scale,
         partition_size,
     )
-    merge_partitions(a, partition_size, merge_threads)
+    if not in_kernel:
+        merge_partitions(a, partition_size, merge_threads)
 
 
 def paged_attention_v5(
