@@ -374,9 +374,10 @@ def make_kernel(
 
         Why here and not in a second kernel: at 64 x 4096 version 2's reduction took 18 of
         version 5's 301 us, mostly waiting: a launch of its own, and a thread per dimension
-        walking the partitions one dependent load after another. Here only one block in
-        ``parts`` does any of it, while the others still stream the cache, and its loads of
-        the group's partial outputs (still in L2) are all independent.
+        walking the partitions one dependent load after another. Here one block in ``parts``
+        does it, without a launch, loading ``MERGE_UNROLL`` partitions' partial outputs (just
+        written, so likely still in L2) before adding any. One warp for a whole group is slow
+        for many partitions, though: ``choose_launch`` says when it pays.
 
         The handshake is the classic one: every block's writes are made visible to the whole
         GPU (``threadfence``) before it counts itself, so the block that sees ``parts - 1`` as
@@ -804,6 +805,7 @@ SMALL_GRID_MERGE = 32 if config.ENABLE_CUDASIM else 256
 SM_SHARED_BYTES = 228 * 1024  # shared memory of one SM of an H100 or H200
 BLOCK_RESERVED_BYTES = 1024  # what the hardware keeps of it for every resident block
 MIN_WAVES = 1.5  # a small batch keeps 512-token partitions if its grid is at least this long
+IN_KERNEL = 0  # merge_threads for "no merge launch: the partition kernel merges its groups"
 IN_KERNEL_PARTS = 8  # a large batch merges in the partition kernel up to this many partitions
 
 
@@ -867,9 +869,6 @@ def choose_launch(
             continue
         return partition, stages, SMALL_GRID_MERGE
     return default
-
-
-IN_KERNEL = 0  # merge_threads for "no merge launch: the partition kernel merges its groups"
 
 
 def launch_v5(
