@@ -2,6 +2,7 @@
 copies gain from grids that fill the GPU.
 
     python3 scripts/tune_tail.py [attention] [merge] [copy] [ceiling] [in-order] [in-kernel]
+                                 [streams]
 
 1. How many one-warp blocks of attention version 5 an SM holds (the driver's occupancy query),
    so how many blocks make one wave.
@@ -19,6 +20,8 @@ copies gain from grids that fill the GPU.
    each sequence's blocks in order (a contiguous cache, as SDPA reads it).
 7. Merging in the partition kernel (``IN_KERNEL``) against the merge launches, on every batch
    of ``minipaged bench attention``.
+8. (``streams``, only when named) The device's read bandwidth (the cache read once, nothing
+   written), and the ring alone with blocks of more warps, more buffers, longer partitions.
 
 Every attention variant is compared with version 2's output first; one that disagrees is
 reported, not timed. Timings as in ``minipaged bench`` (CUDA events, median).
@@ -163,7 +166,7 @@ def merge_section(timing: gpu.Timing, copy_gbs: float) -> None:
 
 
 @functools.cache
-def ring_probe(block_size: int, words: int, stages: int) -> Any:
+def ring_probe(block_size: int, words: int, stages: int, threads: int = attention_v5.WARP) -> Any:
     """Version 5's stream of copies with the arithmetic taken out: grid ``(kv_heads, seqs,
     parts)`` of one warp, the partition's block numbers read into shared memory, K's blocks then
     V's through a ring of ``stages`` buffers by ``cp.async``, each landed buffer touched once.
@@ -174,7 +177,7 @@ def ring_probe(block_size: int, words: int, stages: int) -> Any:
     ``[block, head, token, dim]``, where one head's rows of a block are one run of bytes."""
     ring_row = words + attention_v5.PAD_WORDS
     fetch, advance, copy_offsets = attention_v4.make_ring(
-        block_size, words, ring_row, attention_v5.WARP, stages
+        block_size, words, ring_row, threads, stages
     )
     wait = attention_v4._wait_for(stages - 2)
     shift = block_size.bit_length() - 1
@@ -192,7 +195,7 @@ def ring_probe(block_size: int, words: int, stages: int) -> Any:
         ids = cuda.shared.array(0, int32)[ids_at : ids_at + (partition >> shift)]
         first = start >> shift
         blocks = ((end - 1) >> shift) - first + 1
-        for i in range(lane, blocks, attention_v5.WARP):
+        for i in range(lane, blocks, threads):
             ids[i] = tables[seq, first + i] * id_scale
         cuda.syncthreads()
         to_ring, to_cache = copy_offsets(row_words, kv_head * head_stride)
@@ -320,6 +323,64 @@ def in_kernel_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
             cell = c.time(lambda a: attention_v4.launch_v4(a, 512), timing, copy_gbs)
             print(f"{name}, version 4: {cell}", flush=True)
         del c
+
+
+@functools.cache
+def read_all() -> Any:
+    """Every 16-byte piece of a flat array of 8-byte words read once, grid-stride, and folded
+    by XOR into one word a thread: the device's read bandwidth, with nothing written back."""
+    load16, _ = _wide_access()
+
+    @cuda.jit
+    def kernel(words, out):
+        tid = cuda.grid(1)
+        step = uint64(2 * cuda.gridsize(1))
+        seen = uint64(0)
+        i = uint64(2 * tid)
+        while i < uint64(words.size):
+            lo, hi = load16(words, i)
+            seen ^= lo ^ hi
+            i += step
+        out[tid] = seen
+
+    return kernel
+
+
+def streams_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
+    print("\n## 9. read bandwidth, and the ring alone with more warps, buffers, longer partitions")
+    shape = gpu.AttentionShape(64, 4096, 32, 8)
+    a = gpu.attention_inputs(shape, 4)
+    keys, values = attention_v3._flat_words(a.key_cache), attention_v3._flat_words(a.value_cache)
+    nbytes = 8 * (keys.size + values.size)
+    for per_sm, threads in ((8, 256), (16, 256), (32, 256), (8, 1024)):
+        blocks = per_sm * sms * 256 // threads
+        out = cuda.device_array(blocks * threads, np.uint64)
+        kernel = read_all()
+        launch = lambda k=kernel, b=blocks, t=threads, o=out: (k[b, t](keys, o), k[b, t](values, o))  # noqa: E731
+        launch()
+        ms = gpu.time_ms(launch, timing)
+        share = nbytes / ms / 1e6 / copy_gbs
+        print(f"read K and V once, {blocks} x {threads}: {1000 * ms:.1f} us {100 * share:.1f}%")
+    words, kv, seqs = shape.head_dim // 4, shape.kv_heads, shape.seqs
+    for threads, stages, partition in itertools.product((32, 64, 128), (3, 6), (512, 1024)):
+        parts = -(-shape.context // partition)
+        kernel = ring_probe(16, words, stages, threads)
+        out = cuda.device_array((seqs, kv, parts, threads), np.uint64)
+        shared = 8 * stages * 16 * (words + attention_v5.PAD_WORDS) + 4 * (partition // 16)
+        args = (out, keys, values, a.block_tables, a.seq_lens, partition,
+                np.uint64(kv * words), words, 1)  # fmt: skip
+        launch = lambda k=kernel, g=(kv, seqs, parts), t=threads, sh=shared, x=args: k[  # noqa: E731
+            g, t, 0, sh
+        ](*x)
+        launch()
+        ms = gpu.time_ms(launch, timing)
+        share = shape.kv_bytes() / ms / 1e6 / copy_gbs
+        print(
+            f"ring alone, {threads} threads, {stages} buffers, {partition} tokens, {shared} B: "
+            f"{1000 * ms:.1f} us {100 * share:.1f}%",
+            flush=True,
+        )
+    del a
 
 
 @functools.cache
@@ -505,6 +566,7 @@ def main() -> None:
         ("ceiling", ceiling_section),
         ("in-order", in_order_section),
         ("in-kernel", in_kernel_section),
+        ("streams", streams_section),
     )
     for name, section in sections:
         if name in which:
