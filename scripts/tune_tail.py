@@ -222,6 +222,21 @@ def ring_probe(block_size: int, words: int, stages: int, threads: int = attentio
     return kernel
 
 
+def timed(launch: Callable[[], Any], nbytes: int, timing: gpu.Timing, copy_gbs: float) -> str:
+    """``launch`` run once (it compiles), then timed: its median and the share of the copy
+    bandwidth that moving ``nbytes`` in that time is."""
+    launch()
+    ms = gpu.time_ms(launch, timing)
+    return f"{1000 * ms:.1f} us {100 * nbytes / ms / 1e6 / copy_gbs:.1f}%"
+
+
+def ring_launch(
+    kernel: Any, grid: tuple[int, ...], threads: int, shared: int, args: tuple
+) -> Callable[[], None]:
+    """A launch of a ``ring_probe`` kernel, to time."""
+    return lambda: kernel[grid, threads, 0, shared](*args)
+
+
 def ceiling_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
     print("\n## 6. the ring alone (version 5's copies, no arithmetic), two cache layouts")
     for seqs, ctx, heads, kv in ((64, 4096, 32, 8), (32, 8192, 32, 8), (64, 4096, 32, 32)):
@@ -235,9 +250,8 @@ def ceiling_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
             ("version 5, 512 tokens, 3 buffers", lambda a=a: attention_v5.launch_v5(a)),
             ("its reduction alone", lambda a=a: attention_v5.merge_partitions(a, 512, None)),
         ):
-            ms = gpu.time_ms(launch, timing)
-            share = shape.kv_bytes() / ms / 1e6 / copy_gbs
-            print(f"{heads}/{kv} {seqs} x {ctx}, {name}: {1000 * ms:.1f} us {100 * share:.1f}%")
+            cell = timed(launch, shape.kv_bytes(), timing, copy_gbs)
+            print(f"{heads}/{kv} {seqs} x {ctx}, {name}: {cell}")
         for stages in (3, 4):
             kernel = ring_probe(16, words, stages)
             parts = -(-ctx // 512)
@@ -252,15 +266,11 @@ def ceiling_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
                 for shared in (natural, as_v5):
                     args = (out, keys, values, a.block_tables, a.seq_lens, 512,
                             np.uint64(row), stride, scale)  # fmt: skip
-                    launch = lambda k=kernel, g=(kv, seqs, parts), sh=shared, x=args: k[  # noqa: E731
-                        g, attention_v5.WARP, 0, sh
-                    ](*x)
-                    launch()
-                    ms = gpu.time_ms(launch, timing)
-                    share = shape.kv_bytes() / ms / 1e6 / copy_gbs
+                    launch = ring_launch(kernel, (kv, seqs, parts), attention_v5.WARP, shared, args)
+                    cell = timed(launch, shape.kv_bytes(), timing, copy_gbs)
                     print(
                         f"{heads}/{kv} {seqs} x {ctx}, {stages} stages, {name}, {shared} B "
-                        f"shared: {1000 * ms:.1f} us {100 * share:.1f}%",
+                        f"shared: {cell}",
                         flush=True,
                     )
         del a
@@ -289,17 +299,14 @@ def in_order_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
     for name, tables in (("shuffled", a.block_tables), ("in order", in_order)):
         b = dataclasses.replace(a, block_tables=tables)
         args = (out, keys, values, tables, a.seq_lens, partition, np.uint64(kv * words), words, 1)
-        grid = (kv, seqs, parts)
         for what, launch in (
-            ("ring alone", lambda x=args, g=grid: kernel[g, attention_v5.WARP, 0, shared](*x)),
+            ("ring alone", ring_launch(kernel, (kv, seqs, parts), attention_v5.WARP, shared, args)),
             ("version 5, defaults", lambda b=b: attention_v5.launch_v5(b)),
             ("version 5, in-kernel merge",
              lambda b=b: attention_v5.launch_v5(b, partition, 3, attention_v5.IN_KERNEL)),
         ):  # fmt: skip
-            launch()
-            ms = gpu.time_ms(launch, timing)
-            share = shape.kv_bytes() / ms / 1e6 / copy_gbs
-            print(f"{name} tables, {what}: {1000 * ms:.1f} us {100 * share:.1f}%", flush=True)
+            cell = timed(launch, shape.kv_bytes(), timing, copy_gbs)
+            print(f"{name} tables, {what}: {cell}", flush=True)
     del a
 
 
@@ -357,10 +364,7 @@ def streams_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
         out = cuda.device_array(blocks * threads, np.uint64)
         kernel = read_all()
         launch = lambda k=kernel, b=blocks, t=threads, o=out: (k[b, t](keys, o), k[b, t](values, o))  # noqa: E731
-        launch()
-        ms = gpu.time_ms(launch, timing)
-        share = nbytes / ms / 1e6 / copy_gbs
-        print(f"read K and V once, {blocks} x {threads}: {1000 * ms:.1f} us {100 * share:.1f}%")
+        print(f"read K and V once, {blocks} x {threads}: {timed(launch, nbytes, timing, copy_gbs)}")
     words, kv, seqs = shape.head_dim // 4, shape.kv_heads, shape.seqs
     for threads, stages, partition in itertools.product((32, 64, 128), (3, 6), (512, 1024)):
         parts = -(-shape.context // partition)
@@ -369,15 +373,10 @@ def streams_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
         shared = 8 * stages * 16 * (words + attention_v5.PAD_WORDS) + 4 * (partition // 16)
         args = (out, keys, values, a.block_tables, a.seq_lens, partition,
                 np.uint64(kv * words), words, 1)  # fmt: skip
-        launch = lambda k=kernel, g=(kv, seqs, parts), t=threads, sh=shared, x=args: k[  # noqa: E731
-            g, t, 0, sh
-        ](*x)
-        launch()
-        ms = gpu.time_ms(launch, timing)
-        share = shape.kv_bytes() / ms / 1e6 / copy_gbs
+        launch = ring_launch(kernel, (kv, seqs, parts), threads, shared, args)
         print(
             f"ring alone, {threads} threads, {stages} buffers, {partition} tokens, {shared} B: "
-            f"{1000 * ms:.1f} us {100 * share:.1f}%",
+            f"{timed(launch, shape.kv_bytes(), timing, copy_gbs)}",
             flush=True,
         )
     del a
