@@ -81,9 +81,7 @@ def main() -> None:
         print(f"empty launch, {grid} x {threads} threads: {1000 * ms:.2f} us", flush=True)
     shape = gpu.CacheShape()
     rng = np.random.default_rng(7)
-    cache = (1, shape.num_blocks, shape.block_elems)
-    k = gpu.device_random(cache, shape.dtype, 21)
-    v = gpu.device_random(cache, shape.dtype, 22)
+    k, v = gpu.device_caches(shape)
     kw, vw = cache_ops.as_words(k), cache_ops.as_words(v)
     size = kw.shape[2]
     for n in (64, 256, 1024, 4096):

@@ -499,9 +499,7 @@ def copy_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
     print("\n## 5. copy_blocks on capped grids (one layer, blocks of 16 x 8 x 128 float16)")
     shape = gpu.CacheShape()
     rng = np.random.default_rng(7)
-    cache = (1, shape.num_blocks, shape.block_elems)
-    k = gpu.device_random(cache, shape.dtype, 21)
-    v = gpu.device_random(cache, shape.dtype, 22)
+    k, v = gpu.device_caches(shape)
     kw, vw = cache_ops.as_words(k), cache_ops.as_words(v)
     size = kw.shape[2]
     flat_k, flat_v = kw.reshape(kw.size), vw.reshape(vw.size)  # for the 16-byte kernel

@@ -265,6 +265,13 @@ class CacheShape:
         return self.block_elems * np.dtype(self.dtype).itemsize
 
 
+def device_caches(shape: CacheShape) -> tuple[Any, Any]:
+    """Random K and V caches ``[layers, num_blocks, block_elems]`` on the device, the same
+    values every time (seeds 21 and 22), for the copy benchmarks and tuning scripts."""
+    cache = (shape.layers, shape.num_blocks, shape.block_elems)
+    return device_random(cache, shape.dtype, 21), device_random(cache, shape.dtype, 22)
+
+
 def pair_sets(rng: np.random.Generator, num_blocks: int, n: int) -> list[Any]:
     """Up to ``ROTATE`` disjoint sets of ``n`` ``(src, dst)`` pairs of distinct blocks, as int64
     device arrays. A copy benchmark uses them in turn, so that a small copy does not find its
@@ -292,9 +299,7 @@ def bench_copy_blocks(
     ``(src, dst)`` pairs (distinct random blocks; K and V of ``shape.layers`` layers, all in
     one launch), per thread count."""
     rng = np.random.default_rng(7)
-    cache = (shape.layers, shape.num_blocks, shape.block_elems)
-    k = device_random(cache, shape.dtype, 21)
-    v = device_random(cache, shape.dtype, 22)
+    k, v = device_caches(shape)
     rows = []
     for n in shape.counts:
         if progress:
