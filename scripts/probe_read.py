@@ -1,0 +1,744 @@
+"""How fast can the decode batch's cache be read at all, and does Hopper's bulk copy read it
+faster than version 5's ``cp.async`` ring? (64 x 4096, 32 query heads over 8 kv heads.)
+
+    python3 scripts/probe_read.py [read] [torch] [bulk] [tma]
+
+1. A plain read of the K and V caches in one launch: a grid-stride loop in which each thread
+   starts ``unroll`` 16-byte loads of K and as many of V before it uses any, for 1, 2, 4 and 8
+   of them, on grids of 4 to 32 blocks an SM. (``tune_tail.py streams`` read K and V in two
+   launches with one load in flight a thread.)
+2. PyTorch's own reduction kernels reading the same bytes (``torch.sum`` of K, then of V), and
+   SDPA on a contiguous cache of the same shape.
+3. Version 5's ring alone (``tune_tail.ring_probe``: its ``cp.async`` copies, no arithmetic).
+4. The same ring fed by ``cp.async.bulk`` (the Tensor Memory Accelerator's one-dimensional
+   copy, sm_90): one lane starts a whole run of bytes, which lands in shared memory and
+   completes the ring buffer's ``mbarrier``. On minipaged's layout ``[block, token, head,
+   dim]`` a kv head's part of a block is 16 runs of 256 bytes (16 copies, one a lane); on a
+   head-major layout ``[block, head, token, dim]`` it is one run of 4 KB (one copy).
+
+Every figure is a median of CUDA-event timings (``minipaged bench``'s ``time_ms``) with its
+share of the device-to-device copy bandwidth measured in the same run. Needs a GPU of compute
+capability 9.0 for section 4.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import cuda, int32, uint32, uint64
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from minipaged.bench import gpu  # noqa: E402
+from minipaged.kernels import attention_v3, attention_v5  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*under-utilization")
+
+SHAPE = gpu.AttentionShape(64, 4096, 32, 8)
+PARTITION = 512
+WARP = attention_v5.WARP
+
+
+@functools.cache
+def _ptx() -> dict[str, Any]:
+    """The PTX statements the probes need, as Numba intrinsics: a 16-byte load, and the bulk
+    copy with the ``mbarrier`` it completes."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+
+    def address(context: Any, builder: Any, ty: Any, array: Any, index: Any) -> Any:
+        data = context.make_array(ty)(context, builder, array).data
+        return builder.ptrtoint(builder.gep(data, [index]), i64)
+
+    def statement(builder: Any, text: str, args: list[Any], kinds: str) -> None:
+        fn = ir.FunctionType(ir.VoidType(), [a.type for a in args])
+        builder.asm(fn, text, ",".join([*kinds, "~{memory}"]), args, True)
+
+    @intrinsic
+    def load16(typingctx, words, at):  # noqa: ANN001, ANN202
+        """Words ``at`` and ``at + 1`` of a global array, in one 16-byte load."""
+        sig = types.UniTuple(types.uint64, 2)(words, types.uint64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i64])
+            got = builder.asm(
+                fn,
+                "{ .reg .u64 g; cvta.to.global.u64 g, $2; ld.global.v2.u64 {$0, $1}, [g]; }",
+                "=l,=l,l",
+                [address(context, builder, sig.args[0], args[0], args[1])],
+                True,
+            )
+            values = [builder.extract_value(got, i) for i in range(2)]
+            return context.make_tuple(builder, sig.return_type, values)
+
+        return sig, codegen
+
+    @intrinsic
+    def bar_init(typingctx, bars, i):  # noqa: ANN001, ANN202
+        """Make ``bars[i]`` (shared memory) an ``mbarrier`` waiting for one arrival a phase."""
+        sig = types.void(bars, types.uint64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            statement(
+                builder,
+                "{ .reg .u64 s; cvta.to.shared.u64 s, $0; mbarrier.init.shared::cta.b64 [s], 1; "
+                "fence.mbarrier_init.release.cluster; }",
+                [address(context, builder, sig.args[0], args[0], args[1])],
+                "l",
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def expect(typingctx, bars, i, nbytes):  # noqa: ANN001, ANN202
+        """Arrive at ``bars[i]``, which then completes its phase once ``nbytes`` have landed."""
+        sig = types.void(bars, types.uint64, types.uint32)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            statement(
+                builder,
+                "{ .reg .u64 s, st; cvta.to.shared.u64 s, $0; "
+                "mbarrier.arrive.expect_tx.shared::cta.b64 st, [s], $1; }",
+                [address(context, builder, sig.args[0], args[0], args[1]), args[2]],
+                "lr",
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def bulk(typingctx, ring, at, words, src, nbytes, bars, i):  # noqa: ANN001, ANN202
+        """Start copying ``nbytes`` from word ``src`` of a global array to word ``at`` of a
+        shared one; their landing counts towards ``bars[i]``."""
+        sig = types.void(ring, types.uint64, words, types.uint64, types.uint32, bars, types.uint64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            dst = address(context, builder, sig.args[0], args[0], args[1])
+            src_ = address(context, builder, sig.args[2], args[2], args[3])
+            bar = address(context, builder, sig.args[5], args[5], args[6])
+            statement(
+                builder,
+                "{ .reg .u64 d, g, b; cvta.to.shared.u64 d, $0; cvta.to.global.u64 g, $1; "
+                "cvta.to.shared.u64 b, $3; "
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+                "[d], [g], $2, [b]; }",
+                [dst, src_, args[4], bar],
+                "llrl",
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def tensor_copy(typingctx, ring, at, tmap, x, y, z, w, bars, i):  # noqa: ANN001, ANN202
+        """Start the tensor map's box at coordinates ``(x, y, z, w)`` (innermost first) on its
+        way to word ``at`` of a shared array (1024-byte aligned, for the swizzle); its landing
+        counts towards ``bars[i]``."""
+        i32 = types.int32
+        sig = types.void(ring, types.uint64, tmap, i32, i32, i32, i32, bars, types.uint64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            dst = address(context, builder, sig.args[0], args[0], args[1])
+            desc = address(context, builder, sig.args[2], args[2], ir.Constant(i64, 0))
+            bar = address(context, builder, sig.args[7], args[7], args[8])
+            statement(
+                builder,
+                "{ .reg .u64 d, b; cvta.to.shared.u64 d, $0; cvta.to.shared.u64 b, $6; "
+                "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                "[d], [$1, {$2, $3, $4, $5}], [b]; }",
+                [dst, desc, *args[3:7], bar],
+                "llrrrrl",
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def tensor_copy5(typingctx, ring, at, tmap, x, y, z, w, v, bars, i):  # noqa: ANN001, ANN202
+        """``tensor_copy`` for a map of five dimensions."""
+        i32 = types.int32
+        sig = types.void(ring, types.uint64, tmap, i32, i32, i32, i32, i32, bars, types.uint64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            dst = address(context, builder, sig.args[0], args[0], args[1])
+            desc = address(context, builder, sig.args[2], args[2], ir.Constant(i64, 0))
+            bar = address(context, builder, sig.args[8], args[8], args[9])
+            statement(
+                builder,
+                "{ .reg .u64 d, b; cvta.to.shared.u64 d, $0; cvta.to.shared.u64 b, $7; "
+                "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                "[d], [$1, {$2, $3, $4, $5, $6}], [b]; }",
+                [dst, desc, *args[3:8], bar],
+                "llrrrrrl",
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def shared_at(typingctx, ring):  # noqa: ANN001, ANN202
+        """The shared-memory address of ``ring[0]``."""
+        sig = types.uint64(ring)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(i64, [i64])
+            at = address(context, builder, sig.args[0], args[0], ir.Constant(i64, 0))
+            return builder.asm(fn, "cvta.to.shared.u64 $0, $1;", "=l,l", [at], False)
+
+        return sig, codegen
+
+    @intrinsic
+    def landed(typingctx, bars, i, parity):  # noqa: ANN001, ANN202
+        """1 once ``bars[i]`` has completed the phase of this parity, else 0 (it may wait a
+        little in hardware before saying 0)."""
+        sig = types.uint32(bars, types.uint64, types.uint32)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(i32, [i64, i32])
+            return builder.asm(
+                fn,
+                "{ .reg .u64 s; .reg .pred p; cvta.to.shared.u64 s, $1; "
+                "mbarrier.try_wait.parity.shared::cta.b64 p, [s], $2; selp.u32 $0, 1, 0, p; }",
+                "=r,l,r,~{memory}",
+                [address(context, builder, sig.args[0], args[0], args[1]), args[2]],
+                True,
+            )
+
+        return sig, codegen
+
+    @intrinsic
+    def fence_async(typingctx):  # noqa: ANN001, ANN202
+        """Order this thread's shared-memory reads before later bulk copies' writes."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(ir.VoidType(), [])
+            builder.asm(fn, "fence.proxy.async.shared::cta;", "~{memory}", [], True)
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    return dict(
+        load16=load16,
+        bar_init=bar_init,
+        expect=expect,
+        bulk=bulk,
+        landed=landed,
+        fence_async=fence_async,
+        tensor_copy=tensor_copy,
+        tensor_copy5=tensor_copy5,
+        shared_at=shared_at,
+    )
+
+
+@functools.cache
+def plain_read(unroll: int) -> Any:
+    """Each thread reads ``unroll`` 16-byte pieces of K and as many of V (a grid-stride apart)
+    before it folds any of them in: ``2 * unroll`` loads in flight a thread."""
+    load16 = _ptx()["load16"]
+    slots = 4 * unroll  # words in flight a thread
+
+    @cuda.jit
+    def kernel(keys, values, out):
+        tid = cuda.grid(1)
+        step = uint64(2 * cuda.gridsize(1))
+        n = uint64(keys.size)
+        got = cuda.local.array(slots, uint64)
+        seen = uint64(0)
+        i = uint64(2 * tid)
+        while i + uint64(unroll - 1) * step < n:
+            for u in range(unroll):
+                k0, k1 = load16(keys, i + uint64(u) * step)
+                v0, v1 = load16(values, i + uint64(u) * step)
+                got[4 * u], got[4 * u + 1], got[4 * u + 2], got[4 * u + 3] = k0, k1, v0, v1
+            for u in range(slots):
+                seen ^= got[u]
+            i += uint64(unroll) * step
+        while i < n:
+            lo, hi = load16(keys, i)
+            seen ^= lo ^ hi
+            lo, hi = load16(values, i)
+            seen ^= lo ^ hi
+            i += step
+        out[tid] = seen
+
+    return kernel
+
+
+@functools.cache
+def bulk_ring(stages: int, runs: int, warps: int = 1, pad: int = 2) -> tuple[Any, int]:
+    """Version 5's ring alone, fed by bulk copies: K's blocks then V's, each buffer filled by
+    ``runs`` copies of one run of bytes each and waited for on its ``mbarrier`` (item ``j``
+    lands in buffer ``j % stages``, in phase ``(j // stages) % 2``).
+
+    With ``warps == 1`` the grid is ``(kv_heads, seqs, parts)`` of one warp, as version 5's,
+    and a buffer holds one kv head's part of a block (4 KB). With ``warps == kv_heads`` the
+    grid is ``(1, seqs, parts)`` and a buffer holds the whole block, every head of it (32 KB);
+    warp ``w`` reads head ``w``'s part. ``pad`` 8-byte words follow each run in the buffer
+    (version 5 pads 2, so that its ``ldmatrix`` loads meet no bank conflicts; 16 keeps every
+    run 128-byte aligned). Returns the kernel and its shared memory in bytes."""
+    p = _ptx()
+    bar_init, expect, bulk, landed, fence_async = (
+        p["bar_init"], p["expect"], p["bulk"], p["landed"], p["fence_async"]
+    )  # fmt: skip
+    block_size, words = SHAPE.block_size, SHAPE.head_dim // 4
+    item_words = warps * block_size * words
+    run_words = item_words // runs
+    ring_row = run_words + pad
+    buffer = runs * ring_row
+    ids_at = stages * buffer  # in 8-byte words: the block numbers, then the barriers
+    bars_at = ids_at + PARTITION // block_size // 2
+    shift = block_size.bit_length() - 1
+    threads = warps * WARP
+
+    @cuda.jit(device=True)
+    def issue(n, ring, bars, keys, values, ids, blocks, block_words, row_words, head):
+        """Start item ``n`` (K's block ``n``, or V's block ``n - blocks``) into its buffer."""
+        b = n % stages
+        cache = keys if n < blocks else values
+        lb = n if n < blocks else n - blocks
+        tid = cuda.threadIdx.x
+        if tid == 0:
+            expect(bars, uint64(b), uint32(8 * item_words))
+        if tid < runs:
+            fence_async()
+            src = uint64(ids[lb]) * block_words + head + uint64(tid) * row_words
+            bulk(ring, uint64(b * buffer + tid * ring_row), cache, src, uint32(8 * run_words),
+                 bars, uint64(b))  # fmt: skip
+
+    @cuda.jit
+    def kernel(out, keys, values, tables, lens, block_words, row_words, head_words, id_scale):
+        seq, part = cuda.blockIdx.y, cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        warp, lane = tid // WARP, tid % WARP
+        start = part * PARTITION
+        if start >= lens[seq]:
+            return
+        end = min(start + PARTITION, lens[seq])
+        ring = cuda.shared.array(0, uint64)
+        ids = cuda.shared.array(0, int32)[2 * ids_at : 2 * bars_at]
+        bars = ring[bars_at : bars_at + stages]
+        first = start >> shift
+        blocks = ((end - 1) >> shift) - first + 1
+        for i in range(tid, blocks, threads):
+            ids[i] = tables[seq, first + i] * id_scale
+        if tid == 0:
+            for s in range(stages):
+                bar_init(bars, uint64(s))
+        cuda.syncthreads()
+        items = 2 * blocks
+        head = uint64(cuda.blockIdx.x) * head_words
+        for n in range(min(stages - 1, items)):
+            issue(n, ring, bars, keys, values, ids, blocks, block_words, row_words, head)
+        seen = uint64(0)
+        for j in range(items):
+            s = j % stages
+            while landed(bars, uint64(s), uint32((j // stages) & 1)) == 0:
+                pass
+            if warps == 1:
+                cuda.syncwarp()
+            else:  # every warp is done with the buffer the next item goes into
+                cuda.syncthreads()
+            if j + stages - 1 < items:
+                issue(j + stages - 1, ring, bars, keys, values, ids, blocks, block_words,
+                      row_words, head)  # fmt: skip
+            seen ^= ring[s * buffer + warp * words + lane]
+        out[seq, cuda.blockIdx.x + warp, part, lane] = seen
+
+    return kernel, 8 * (bars_at + stages)
+
+
+def allow_shared(kernel: Any, args: tuple, nbytes: int) -> None:
+    """Let ``kernel`` (compiled for ``args``) take ``nbytes`` of dynamic shared memory: more
+    than 48 KB needs the driver's permission."""
+    from numba import typeof
+    from numba.cuda.cudadrv import driver
+
+    compiled = kernel.compile(tuple(typeof(x) for x in args))
+    cufunc = compiled._codelibrary.get_cufunc()
+    attr = driver.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
+
+
+def encode(cache: Any, dims: list[int], strides: list[int], box: list[int]) -> Any:
+    """A TMA tensor map of the float16 ``cache`` in device memory: a tensor of ``dims``
+    (innermost first; the first is contiguous) with ``strides`` in bytes for the others, read in
+    boxes of ``box`` elements, swizzled by 128 bytes on landing (the 16-byte piece ``c`` of
+    128-byte row ``r`` of the box goes to piece ``c ^ (r % 8)``), so that the row loads of a
+    fragment meet no bank conflicts without padding."""
+    import ctypes
+
+    from cuda.bindings import driver as d
+
+    err, tmap = d.cuTensorMapEncodeTiled(
+        d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        len(dims),
+        cache.device_ctypes_pointer.value,
+        [d.cuuint64_t(n) for n in dims],
+        [d.cuuint64_t(n) for n in strides],
+        [d.cuuint32_t(n) for n in box],
+        [d.cuuint32_t(1)] * len(dims),
+        d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+    )
+    if err != d.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled: {err}")
+    raw = ctypes.string_at(tmap.getPtr(), 128)
+    return cuda.to_device(np.frombuffer(raw, np.uint8).copy())
+
+
+def tensor_map(cache: Any) -> Any:
+    """Boxes of 16 tokens x 64 dimensions of one head (2 KB) of a cache ``[block, token, head,
+    dim]``."""
+    blocks, block_size, heads, dim = cache.shape
+    row = 2 * dim
+    return encode(
+        cache,
+        [dim, heads, block_size, blocks],
+        [row, heads * row, block_size * heads * row],
+        [64, 1, block_size, 1],
+    )
+
+
+def block_map(cache: Any, heads_per_box: int) -> Any:
+    """Boxes of ``heads_per_box`` heads' whole part of a block (4 KB a head) of a cache
+    ``[block, token, head, dim]``, read as ``[block, head, half, token, 64 dims]``: each head's
+    half of the dimensions lands as 16 consecutive token rows of 128 bytes, so that the swizzle
+    spreads the tokens of a fragment over the banks."""
+    blocks, block_size, heads, dim = cache.shape
+    row = 2 * dim
+    return encode(
+        cache,
+        [64, block_size, 2, heads, blocks],
+        [heads * row, 128, row, block_size * heads * row],
+        [64, block_size, 2, heads_per_box, 1],
+    )
+
+
+@functools.cache
+def tma_ring(stages: int) -> tuple[Any, int]:
+    """Version 5's ring alone (one warp a kv head) fed by TMA tensor copies: a buffer is one
+    head's part of a block as two swizzled 2 KB boxes (dimensions 0-63, then 64-127), started
+    by lanes 0 and 1. Returns the kernel and its shared memory in bytes."""
+    p = _ptx()
+    bar_init, expect, landed, fence_async, tensor_copy, shared_at = (
+        p["bar_init"], p["expect"], p["landed"], p["fence_async"], p["tensor_copy"],
+        p["shared_at"],
+    )  # fmt: skip
+    block_size = SHAPE.block_size
+    buffer = 512  # words: 2 boxes of 16 rows of 128 bytes
+    ids_words = PARTITION // block_size // 2
+    head_words = ids_words + stages  # block numbers, barriers; the buffers after, aligned
+    shift = block_size.bit_length() - 1
+
+    @cuda.jit(device=True)
+    def issue(n, ring, first, bars, kmap, vmap, ids, blocks, kv_head):
+        b = n % stages
+        lane = cuda.threadIdx.x
+        lb = n if n < blocks else n - blocks
+        if lane == 0:
+            expect(bars, uint64(b), uint32(4096))
+        if lane < 2:
+            fence_async()
+            at = uint64(first + b * buffer + lane * 256)
+            tmap = kmap if n < blocks else vmap
+            tensor_copy(ring, at, tmap, int32(64 * lane), int32(kv_head), int32(0),
+                        int32(ids[lb]), bars, uint64(b))  # fmt: skip
+
+    @cuda.jit
+    def kernel(out, kmap, vmap, tables, lens):
+        kv_head, seq, part = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        lane = cuda.threadIdx.x
+        start = part * PARTITION
+        if start >= lens[seq]:
+            return
+        end = min(start + PARTITION, lens[seq])
+        ring = cuda.shared.array(0, uint64)
+        ids = cuda.shared.array(0, int32)[: 2 * ids_words]
+        bars = ring[ids_words:head_words]
+        first = head_words + ((1024 - (shared_at(ring) + 8 * head_words) % 1024) % 1024) // 8
+        first_block = start >> shift
+        blocks = ((end - 1) >> shift) - first_block + 1
+        for i in range(lane, blocks, WARP):
+            ids[i] = tables[seq, first_block + i]
+        if lane == 0:
+            for s in range(stages):
+                bar_init(bars, uint64(s))
+        cuda.syncthreads()
+        items = 2 * blocks
+        for n in range(min(stages - 1, items)):
+            issue(n, ring, first, bars, kmap, vmap, ids, blocks, kv_head)
+        seen = uint64(0)
+        for j in range(items):
+            s = j % stages
+            while landed(bars, uint64(s), uint32((j // stages) & 1)) == 0:
+                pass
+            cuda.syncwarp()
+            if j + stages - 1 < items:
+                issue(j + stages - 1, ring, first, bars, kmap, vmap, ids, blocks, kv_head)
+            # row 0 is not swizzled: its two halves are dimensions 0-63 and 64-127
+            seen ^= ring[first + s * buffer + lane % 16 + 256 * (lane // 16)]
+        out[seq, kv_head, part, lane] = seen
+
+    return kernel, 8 * (head_words + 128 + stages * buffer)
+
+
+@functools.cache
+def tma_block_ring(stages: int, heads: int) -> tuple[Any, int]:
+    """The ring alone for a thread block of ``heads`` warps, one a kv head, fed by one TMA copy
+    a block (``block_map``: all the CTA's heads, 4 KB each) by thread 0, waited for on the
+    buffer's ``mbarrier``, every warp done with a buffer before it is refilled. Returns the
+    kernel and its shared memory in bytes."""
+    p = _ptx()
+    bar_init, expect, landed, fence_async, tensor_copy5, shared_at = (
+        p["bar_init"], p["expect"], p["landed"], p["fence_async"], p["tensor_copy5"],
+        p["shared_at"],
+    )  # fmt: skip
+    block_size = SHAPE.block_size
+    buffer = 512 * heads  # words
+    ids_words = PARTITION // block_size // 2
+    head_words = ids_words + stages
+    shift = block_size.bit_length() - 1
+    threads = heads * WARP
+
+    @cuda.jit(device=True)
+    def issue(n, ring, first, bars, kmap, vmap, ids, blocks):
+        b = n % stages
+        lb = n if n < blocks else n - blocks
+        if cuda.threadIdx.x == 0:
+            fence_async()
+            expect(bars, uint64(b), uint32(8 * buffer))
+            tmap = kmap if n < blocks else vmap
+            head = int32(cuda.blockIdx.x * heads)
+            tensor_copy5(ring, uint64(first + b * buffer), tmap, int32(0), int32(0), int32(0),
+                         head, int32(ids[lb]), bars, uint64(b))  # fmt: skip
+
+    @cuda.jit
+    def kernel(out, kmap, vmap, tables, lens):
+        seq, part = cuda.blockIdx.y, cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        warp, lane = tid // WARP, tid % WARP
+        start = part * PARTITION
+        if start >= lens[seq]:
+            return
+        end = min(start + PARTITION, lens[seq])
+        ring = cuda.shared.array(0, uint64)
+        ids = cuda.shared.array(0, int32)[: 2 * ids_words]
+        bars = ring[ids_words:head_words]
+        first = head_words + ((1024 - (shared_at(ring) + 8 * head_words) % 1024) % 1024) // 8
+        first_block = start >> shift
+        blocks = ((end - 1) >> shift) - first_block + 1
+        for i in range(tid, blocks, threads):
+            ids[i] = tables[seq, first_block + i]
+        if tid == 0:
+            for s in range(stages):
+                bar_init(bars, uint64(s))
+        cuda.syncthreads()
+        items = 2 * blocks
+        for n in range(min(stages - 1, items)):
+            issue(n, ring, first, bars, kmap, vmap, ids, blocks)
+        seen = uint64(0)
+        for j in range(items):
+            s = j % stages
+            while landed(bars, uint64(s), uint32((j // stages) & 1)) == 0:
+                pass
+            if heads == 1:
+                cuda.syncwarp()
+            else:
+                cuda.syncthreads()
+            if j + stages - 1 < items:
+                issue(j + stages - 1, ring, first, bars, kmap, vmap, ids, blocks)
+            # token 0's rows (rows 0 and 16 of the warp's 4 KB) are not swizzled
+            seen ^= ring[first + s * buffer + warp * 512 + lane % 16 + 256 * (lane // 16)]
+        out[seq, cuda.blockIdx.x * heads + warp, part, lane] = seen
+
+    return kernel, 8 * (head_words + 128 + stages * buffer)
+
+
+@functools.cache
+def tma_dump() -> Any:
+    """One box (16 tokens x 64 dimensions of one head, 2 KB) through a tensor map into shared
+    memory and straight out to ``out`` (256 words), to see where the swizzle put each piece."""
+    p = _ptx()
+    bar_init, expect, landed, tensor_copy, shared_at = (
+        p["bar_init"], p["expect"], p["landed"], p["tensor_copy"], p["shared_at"]
+    )  # fmt: skip
+
+    @cuda.jit
+    def kernel(out, kmap, block, head):
+        ring = cuda.shared.array(0, uint64)
+        lane = cuda.threadIdx.x
+        first = 1 + ((1024 - (shared_at(ring) + 8) % 1024) % 1024) // 8
+        bars = ring[0:1]
+        if lane == 0:
+            bar_init(bars, uint64(0))
+            expect(bars, uint64(0), uint32(2048))
+            tensor_copy(ring, uint64(first), kmap, int32(0), int32(head), int32(0),
+                        int32(block), bars, uint64(0))  # fmt: skip
+        while landed(bars, uint64(0), uint32(0)) == 0:
+            pass
+        for i in range(lane, 256, WARP):
+            out[i] = ring[first + i]
+
+    return kernel
+
+
+def swizzled(rows: np.ndarray) -> np.ndarray:
+    """Where a 128-byte swizzle puts 16-byte pieces: piece ``c`` of row ``r`` at ``c ^ (r % 8)``
+    (``rows``: 16-byte pieces as ``[row, piece, ...]``)."""
+    out = np.empty_like(rows)
+    for r in range(rows.shape[0]):
+        for c in range(rows.shape[1]):
+            out[r, c ^ (r % 8)] = rows[r, c]
+    return out
+
+
+def share(ms: float, nbytes: int, copy_gbs: float) -> str:
+    return f"{1000 * ms:.1f} us {100 * nbytes / ms / 1e6 / copy_gbs:.1f}%"
+
+
+def main() -> None:
+    from tune_tail import ring_launch, ring_probe, timed
+
+    timing = gpu.Timing()
+    copy_gbs = gpu.copy_bandwidth(timing)
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    print(f"{gpu.device_name()}, {sms} SMs; copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    a = gpu.attention_inputs(SHAPE, 4)
+    keys = attention_v3._flat_words(a.key_cache)
+    values = attention_v3._flat_words(a.value_cache)
+    nbytes = SHAPE.kv_bytes()
+    seqs, kv, words = SHAPE.seqs, SHAPE.kv_heads, SHAPE.head_dim // 4
+    parts = -(-SHAPE.context // PARTITION)
+
+    which = set(sys.argv[1:]) or {"read", "torch", "bulk", "tma"}
+    print(f"\n## 1. plain read of K and V in one launch ({nbytes / 1e6:.0f} MB)")
+    for unroll in (1, 2, 4, 8) if "read" in which else ():
+        for per_sm, threads in ((4, 256), (8, 256), (16, 256), (32, 128)):
+            blocks = per_sm * sms
+            out = cuda.device_array(blocks * threads, np.uint64)
+            kernel = plain_read(unroll)
+            launch = lambda k=kernel, b=blocks, t=threads, o=out: k[b, t](keys, values, o)  # noqa: E731
+            cell = timed(launch, nbytes, timing, copy_gbs)
+            print(f"{2 * unroll} loads a thread, {blocks} x {threads}: {cell}", flush=True)
+
+    print("\n## 2. PyTorch")
+    try:
+        if "torch" not in which:
+            raise ImportError("not asked for")
+        import torch
+
+        tk = torch.as_tensor(a.key_cache, device="cuda")
+        tv = torch.as_tensor(a.value_cache, device="cuda")
+        cell = timed(lambda: (tk.sum(), tv.sum()), nbytes, timing, copy_gbs)
+        print(f"torch.sum of K, then of V: {cell}")
+        print(f"SDPA, contiguous cache: {share(gpu.sdpa_ms(SHAPE, timing), nbytes, copy_gbs)}")
+    except ImportError as e:
+        print(f"skipped: {e}")
+    except Exception:
+        traceback.print_exc()
+
+    print("\n## 3. version 5 and its ring alone")
+    v5 = timed(lambda: attention_v5.launch_v5(a), nbytes, timing, copy_gbs)
+    print(f"version 5 as paged_attention runs it: {v5}")
+    expected = cuda.device_array((seqs, kv, parts, WARP), np.uint64)
+    shared = 8 * 3 * 16 * (words + attention_v5.PAD_WORDS) + 4 * (PARTITION // 16)
+    args = (expected, keys, values, a.block_tables, a.seq_lens, PARTITION,
+            np.uint64(kv * words), words, 1)  # fmt: skip
+    launch = ring_launch(ring_probe(16, words, 3), (kv, seqs, parts), WARP, shared, args)
+    print(f"ring alone, cp.async, 3 buffers: {timed(launch, nbytes, timing, copy_gbs)}", flush=True)
+
+    print("\n## 4. the ring fed by cp.async.bulk")
+    out = cuda.device_array_like(expected)
+    block_words = 16 * kv * words
+    # (name, warps, runs, pad, (words a block, between runs, between heads), number scale)
+    variants = [
+        ("one warp a head, 16 x 256 B (minipaged's rows)", 1, 16, 2,
+         (block_words, kv * words, words), 1),
+        ("one warp a head, 16 x 256 B, runs 128-byte aligned", 1, 16, 16,
+         (block_words, kv * words, words), 1),
+        ("one warp a head, head-major cache, 1 x 4 KB", 1, 1, 0,
+         (16 * words, 0, 16 * words), kv),
+        ("one warp a head, head-major cache, 1 x 4 KB, buffers 16 B off", 1, 1, 2,
+         (16 * words, 0, 16 * words), kv),
+        ("8 warps, all heads, 16 x 2 KB, runs 128-byte aligned", kv, 16, 16,
+         (block_words, kv * words, 0), 1),
+    ]  # fmt: skip
+    for name, warps, runs, pad, strides, scale in variants if "bulk" in which else ():
+        for stages in (3, 4):
+            try:
+                kernel, shared = bulk_ring(stages, runs, warps, pad)
+                args = (out, keys, values, a.block_tables, a.seq_lens,
+                        *map(np.uint64, strides), scale)  # fmt: skip
+                if shared > 48 * 1024:
+                    allow_shared(kernel, args, shared)
+                grid = (kv // warps, seqs, parts)
+                launch = ring_launch(kernel, grid, warps * WARP, shared, args)
+                cell = timed(launch, nbytes, timing, copy_gbs)
+                same = ""
+                if scale == 1:  # minipaged's layout: the same words as the cp.async ring's
+                    agree = np.array_equal(out.copy_to_host(), expected.copy_to_host())
+                    same = ", lands what cp.async does" if agree else ", DIFFERS from cp.async"
+                print(f"bulk, {name}, {stages} buffers, {shared} B: {cell}{same}", flush=True)
+            except Exception:
+                traceback.print_exc()
+
+    print("\n## 5. the ring fed by TMA tensor copies (two swizzled 2 KB boxes a block)")
+    try:
+        if "tma" not in which:
+            raise ImportError("not asked for")
+        kmap, vmap = tensor_map(a.key_cache), tensor_map(a.value_cache)
+        dump = cuda.device_array(256, np.uint64)
+        tma_dump()[1, WARP, 0, 8 * (256 + 1) + 1024](dump, kmap, 5, 3)
+        box = np.ascontiguousarray(a.key_cache.copy_to_host()[5, :, 3, :64])
+        box = box.view(np.uint64).reshape(16, 8, 2)
+        got = dump.copy_to_host().reshape(16, 8, 2)
+        print("swizzle: piece c of row r lands at c ^ (r % 8):", np.array_equal(got, swizzled(box)))
+        if not np.array_equal(got, swizzled(box)):
+            print("unswizzled:", np.array_equal(got, box), got[:3, :, 0], box[:3, :, 0], sep="\n")
+        for stages in (3, 4, 6):
+            kernel, shared = tma_ring(stages)
+            args = (out, kmap, vmap, a.block_tables, a.seq_lens)
+            launch = ring_launch(kernel, (kv, seqs, parts), WARP, shared, args)
+            cell = timed(launch, nbytes, timing, copy_gbs)
+            agree = np.array_equal(out.copy_to_host(), expected.copy_to_host())
+            same = ", lands what cp.async does" if agree else ", DIFFERS from cp.async"
+            print(f"tma, one warp a head, {stages} buffers, {shared} B: {cell}{same}", flush=True)
+    except ImportError as e:
+        print(f"skipped: {e}")
+    except Exception:
+        traceback.print_exc()
+
+    print("\n## 6. the ring fed by one TMA copy a block (all the thread block's heads)")
+    for heads in (1, 2, 8) if "tma" in which else ():
+        try:
+            kmap, vmap = block_map(a.key_cache, heads), block_map(a.value_cache, heads)
+            for stages in (2, 3, 4):
+                kernel, shared = tma_block_ring(stages, heads)
+                args = (out, kmap, vmap, a.block_tables, a.seq_lens)
+                if shared > 48 * 1024:
+                    allow_shared(kernel, args, shared)
+                launch = ring_launch(kernel, (kv // heads, seqs, parts), heads * WARP, shared, args)
+                cell = timed(launch, nbytes, timing, copy_gbs)
+                agree = np.array_equal(out.copy_to_host(), expected.copy_to_host())
+                same = ", lands what cp.async does" if agree else ", DIFFERS from cp.async"
+                print(f"tma, {heads} warps, {4 * heads} KB a copy, {stages} buffers, {shared} B: "
+                      f"{cell}{same}", flush=True)  # fmt: skip
+        except Exception:
+            traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()
