@@ -13,8 +13,13 @@ faster than version 5's ``cp.async`` ring? (64 x 4096, 32 query heads over 8 kv 
 4. The same ring fed by ``cp.async.bulk`` (the Tensor Memory Accelerator's one-dimensional
    copy, sm_90): one lane starts a whole run of bytes, which lands in shared memory and
    completes the ring buffer's ``mbarrier``. On minipaged's layout ``[block, token, head,
-   dim]`` a kv head's part of a block is 16 runs of 256 bytes (16 copies, one a lane); on a
-   head-major layout ``[block, head, token, dim]`` it is one run of 4 KB (one copy).
+   dim]`` a kv head's part of a block is 16 runs of 256 bytes (16 copies, one a lane); read as
+   if the cache were head-major, ``[block, head, token, dim]``, it is one run of 4 KB (one
+   copy); a thread block of 8 warps can take all 8 heads of a block, 32 KB, in one. Padded
+   and aligned landings are compared.
+5. The same ring fed by TMA tensor copies that swizzle the rows as they land (checked on one
+   box), so that rows 128 bytes apart meet no bank conflicts: boxes of one head's 16 tokens by
+   64 dimensions, or all of a thread block's heads at once.
 
 Every figure is a median of CUDA-event timings (``minipaged bench``'s ``time_ms``) with its
 share of the device-to-device copy bandwidth measured in the same run. Needs a GPU of compute
@@ -36,6 +41,8 @@ from numba import cuda, int32, uint32, uint64
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tune_tail import _wide_access, ring_launch, ring_probe, timed  # noqa: E402
+
 from minipaged.bench import gpu  # noqa: E402
 from minipaged.kernels import attention_v3, attention_v5  # noqa: E402
 
@@ -48,8 +55,8 @@ WARP = attention_v5.WARP
 
 @functools.cache
 def _ptx() -> dict[str, Any]:
-    """The PTX statements the probes need, as Numba intrinsics: a 16-byte load, and the bulk
-    copy with the ``mbarrier`` it completes."""
+    """The PTX statements the probes need, as Numba intrinsics: the bulk and tensor copies and
+    the ``mbarrier`` they complete."""
     from llvmlite import ir
     from numba.core import types
     from numba.cuda.extending import intrinsic
@@ -63,25 +70,6 @@ def _ptx() -> dict[str, Any]:
     def statement(builder: Any, text: str, args: list[Any], kinds: str) -> None:
         fn = ir.FunctionType(ir.VoidType(), [a.type for a in args])
         builder.asm(fn, text, ",".join([*kinds, "~{memory}"]), args, True)
-
-    @intrinsic
-    def load16(typingctx, words, at):  # noqa: ANN001, ANN202
-        """Words ``at`` and ``at + 1`` of a global array, in one 16-byte load."""
-        sig = types.UniTuple(types.uint64, 2)(words, types.uint64)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            fn = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i64])
-            got = builder.asm(
-                fn,
-                "{ .reg .u64 g; cvta.to.global.u64 g, $2; ld.global.v2.u64 {$0, $1}, [g]; }",
-                "=l,=l,l",
-                [address(context, builder, sig.args[0], args[0], args[1])],
-                True,
-            )
-            values = [builder.extract_value(got, i) for i in range(2)]
-            return context.make_tuple(builder, sig.return_type, values)
-
-        return sig, codegen
 
     @intrinsic
     def bar_init(typingctx, bars, i):  # noqa: ANN001, ANN202
@@ -141,32 +129,10 @@ def _ptx() -> dict[str, Any]:
         return sig, codegen
 
     @intrinsic
-    def tensor_copy(typingctx, ring, at, tmap, x, y, z, w, bars, i):  # noqa: ANN001, ANN202
-        """Start the tensor map's box at coordinates ``(x, y, z, w)`` (innermost first) on its
-        way to word ``at`` of a shared array (1024-byte aligned, for the swizzle); its landing
-        counts towards ``bars[i]``."""
-        i32 = types.int32
-        sig = types.void(ring, types.uint64, tmap, i32, i32, i32, i32, bars, types.uint64)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            dst = address(context, builder, sig.args[0], args[0], args[1])
-            desc = address(context, builder, sig.args[2], args[2], ir.Constant(i64, 0))
-            bar = address(context, builder, sig.args[7], args[7], args[8])
-            statement(
-                builder,
-                "{ .reg .u64 d, b; cvta.to.shared.u64 d, $0; cvta.to.shared.u64 b, $6; "
-                "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-                "[d], [$1, {$2, $3, $4, $5}], [b]; }",
-                [dst, desc, *args[3:7], bar],
-                "llrrrrl",
-            )
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
     def tensor_copy5(typingctx, ring, at, tmap, x, y, z, w, v, bars, i):  # noqa: ANN001, ANN202
-        """``tensor_copy`` for a map of five dimensions."""
+        """Start the tensor map's box at coordinates ``(x, y, z, w, v)`` (innermost first) on
+        its way to word ``at`` of a shared array (1024-byte aligned, for the swizzle); its
+        landing counts towards ``bars[i]``."""
         i32 = types.int32
         sig = types.void(ring, types.uint64, tmap, i32, i32, i32, i32, i32, bars, types.uint64)
 
@@ -229,13 +195,11 @@ def _ptx() -> dict[str, Any]:
         return types.void(), codegen
 
     return dict(
-        load16=load16,
         bar_init=bar_init,
         expect=expect,
         bulk=bulk,
         landed=landed,
         fence_async=fence_async,
-        tensor_copy=tensor_copy,
         tensor_copy5=tensor_copy5,
         shared_at=shared_at,
     )
@@ -245,7 +209,7 @@ def _ptx() -> dict[str, Any]:
 def plain_read(unroll: int) -> Any:
     """Each thread reads ``unroll`` 16-byte pieces of K and as many of V (a grid-stride apart)
     before it folds any of them in: ``2 * unroll`` loads in flight a thread."""
-    load16 = _ptx()["load16"]
+    load16, _ = _wide_access()
     slots = 4 * unroll  # words in flight a thread
 
     @cuda.jit
@@ -275,49 +239,28 @@ def plain_read(unroll: int) -> Any:
     return kernel
 
 
-@functools.cache
-def bulk_ring(stages: int, runs: int, warps: int = 1, pad: int = 2) -> tuple[Any, int]:
-    """Version 5's ring alone, fed by bulk copies: K's blocks then V's, each buffer filled by
-    ``runs`` copies of one run of bytes each and waited for on its ``mbarrier`` (item ``j``
-    lands in buffer ``j % stages``, in phase ``(j // stages) % 2``).
+def ring_kernel(issue: Any, stages: int, warps: int, buffer: int, word_of: Any) -> tuple[Any, int]:
+    """Version 5's ring alone, the skeleton every feed below shares: K's blocks then V's
+    through ``stages`` buffers of ``buffer`` words, each waited for on its ``mbarrier`` (item
+    ``j`` lands in buffer ``j % stages``, in phase ``(j // stages) % 2``), each landed buffer
+    folded once: thread ``(warp, lane)`` folds its word ``word_of(warp, lane)``. The grid is
+    ``(kv_heads // warps, seqs, parts)`` of ``warps`` warps, one a kv head; every warp is done
+    with a buffer before it is refilled.
 
-    With ``warps == 1`` the grid is ``(kv_heads, seqs, parts)`` of one warp, as version 5's,
-    and a buffer holds one kv head's part of a block (4 KB). With ``warps == kv_heads`` the
-    grid is ``(1, seqs, parts)`` and a buffer holds the whole block, every head of it (32 KB);
-    warp ``w`` reads head ``w``'s part. ``pad`` 8-byte words follow each run in the buffer
-    (version 5 pads 2, so that its ``ldmatrix`` loads meet no bank conflicts; 16 keeps every
-    run 128-byte aligned). Returns the kernel and its shared memory in bytes."""
+    ``issue(n, ring, first, bars, k, v, ids, blocks, p0, p1, p2)`` starts item ``n`` into its
+    buffer (``first``: the word where the buffers start, 1024-byte aligned; ``ids``: the
+    partition's block numbers times ``id_scale``; ``k``, ``v``, ``p0`` to ``p2``: the kernel's
+    arguments, passed on). Returns the kernel and its shared memory in bytes."""
     p = _ptx()
-    bar_init, expect, bulk, landed, fence_async = (
-        p["bar_init"], p["expect"], p["bulk"], p["landed"], p["fence_async"]
-    )  # fmt: skip
-    block_size, words = SHAPE.block_size, SHAPE.head_dim // 4
-    item_words = warps * block_size * words
-    run_words = item_words // runs
-    ring_row = run_words + pad
-    buffer = runs * ring_row
-    ids_at = stages * buffer  # in 8-byte words: the block numbers, then the barriers
-    bars_at = ids_at + PARTITION // block_size // 2
+    bar_init, landed, shared_at = p["bar_init"], p["landed"], p["shared_at"]
+    block_size = SHAPE.block_size
+    ids_words = PARTITION // block_size // 2
+    head_words = ids_words + stages  # block numbers, barriers; the buffers after, aligned
     shift = block_size.bit_length() - 1
     threads = warps * WARP
 
-    @cuda.jit(device=True)
-    def issue(n, ring, bars, keys, values, ids, blocks, block_words, row_words, head):
-        """Start item ``n`` (K's block ``n``, or V's block ``n - blocks``) into its buffer."""
-        b = n % stages
-        cache = keys if n < blocks else values
-        lb = n if n < blocks else n - blocks
-        tid = cuda.threadIdx.x
-        if tid == 0:
-            expect(bars, uint64(b), uint32(8 * item_words))
-        if tid < runs:
-            fence_async()
-            src = uint64(ids[lb]) * block_words + head + uint64(tid) * row_words
-            bulk(ring, uint64(b * buffer + tid * ring_row), cache, src, uint32(8 * run_words),
-                 bars, uint64(b))  # fmt: skip
-
     @cuda.jit
-    def kernel(out, keys, values, tables, lens, block_words, row_words, head_words, id_scale):
+    def kernel(out, k, v, tables, lens, p0, p1, p2, id_scale):
         seq, part = cuda.blockIdx.y, cuda.blockIdx.z
         tid = cuda.threadIdx.x
         warp, lane = tid // WARP, tid % WARP
@@ -326,20 +269,20 @@ def bulk_ring(stages: int, runs: int, warps: int = 1, pad: int = 2) -> tuple[Any
             return
         end = min(start + PARTITION, lens[seq])
         ring = cuda.shared.array(0, uint64)
-        ids = cuda.shared.array(0, int32)[2 * ids_at : 2 * bars_at]
-        bars = ring[bars_at : bars_at + stages]
-        first = start >> shift
-        blocks = ((end - 1) >> shift) - first + 1
+        ids = cuda.shared.array(0, int32)[: 2 * ids_words]
+        bars = ring[ids_words:head_words]
+        first = head_words + ((1024 - (shared_at(ring) + 8 * head_words) % 1024) % 1024) // 8
+        first_block = start >> shift
+        blocks = ((end - 1) >> shift) - first_block + 1
         for i in range(tid, blocks, threads):
-            ids[i] = tables[seq, first + i] * id_scale
+            ids[i] = tables[seq, first_block + i] * id_scale
         if tid == 0:
             for s in range(stages):
                 bar_init(bars, uint64(s))
         cuda.syncthreads()
         items = 2 * blocks
-        head = uint64(cuda.blockIdx.x) * head_words
         for n in range(min(stages - 1, items)):
-            issue(n, ring, bars, keys, values, ids, blocks, block_words, row_words, head)
+            issue(n, ring, first, bars, k, v, ids, blocks, p0, p1, p2)
         seen = uint64(0)
         for j in range(items):
             s = j % stages
@@ -347,15 +290,54 @@ def bulk_ring(stages: int, runs: int, warps: int = 1, pad: int = 2) -> tuple[Any
                 pass
             if warps == 1:
                 cuda.syncwarp()
-            else:  # every warp is done with the buffer the next item goes into
+            else:
                 cuda.syncthreads()
             if j + stages - 1 < items:
-                issue(j + stages - 1, ring, bars, keys, values, ids, blocks, block_words,
-                      row_words, head)  # fmt: skip
-            seen ^= ring[s * buffer + warp * words + lane]
-        out[seq, cuda.blockIdx.x + warp, part, lane] = seen
+                issue(j + stages - 1, ring, first, bars, k, v, ids, blocks, p0, p1, p2)
+            seen ^= ring[first + s * buffer + word_of(warp, lane)]
+        out[seq, cuda.blockIdx.x * warps + warp, part, lane] = seen
 
-    return kernel, 8 * (bars_at + stages)
+    return kernel, 8 * (head_words + 128 + stages * buffer)
+
+
+@functools.cache
+def bulk_ring(stages: int, runs: int, warps: int = 1, pad: int = 2) -> tuple[Any, int]:
+    """The ring fed by bulk copies: each buffer filled by ``runs`` copies of one run of bytes
+    each. Its arguments ``p0`` to ``p2`` are the words between blocks (block numbers times
+    ``id_scale``), between runs and between kv heads.
+
+    With one warp, a buffer holds one kv head's part of a block (4 KB), as version 5's does;
+    with ``warps == kv_heads`` it holds the whole block, every head of it (32 KB), and warp
+    ``w`` reads head ``w``'s part. ``pad`` 8-byte words follow each run in the buffer (version 5
+    pads 2, so that its ``ldmatrix`` loads meet no bank conflicts; 16 keeps every run 128-byte
+    aligned)."""
+    p = _ptx()
+    expect, bulk, fence_async = p["expect"], p["bulk"], p["fence_async"]
+    words = SHAPE.head_dim // 4
+    item_words = warps * SHAPE.block_size * words
+    run_words = item_words // runs
+    ring_row = run_words + pad
+
+    @cuda.jit(device=True)
+    def issue(n, ring, first, bars, keys, values, ids, blocks, block_words, row_words, heads):
+        b = n % stages
+        cache = keys if n < blocks else values
+        lb = n if n < blocks else n - blocks
+        tid = cuda.threadIdx.x
+        if tid == 0:
+            expect(bars, uint64(b), uint32(8 * item_words))
+        if tid < runs:
+            fence_async()
+            head = uint64(cuda.blockIdx.x) * heads
+            src = uint64(ids[lb]) * block_words + head + uint64(tid) * row_words
+            bulk(ring, uint64(first + b * runs * ring_row + tid * ring_row), cache, src,
+                 uint32(8 * run_words), bars, uint64(b))  # fmt: skip
+
+    @cuda.jit(device=True)
+    def word_of(warp, lane):
+        return warp * words + lane
+
+    return ring_kernel(issue, stages, warps, runs * ring_row, word_of)
 
 
 def allow_shared(kernel: Any, args: tuple, nbytes: int) -> None:
@@ -399,172 +381,51 @@ def encode(cache: Any, dims: list[int], strides: list[int], box: list[int]) -> A
     return cuda.to_device(np.frombuffer(raw, np.uint8).copy())
 
 
-def tensor_map(cache: Any) -> Any:
-    """Boxes of 16 tokens x 64 dimensions of one head (2 KB) of a cache ``[block, token, head,
-    dim]``."""
-    blocks, block_size, heads, dim = cache.shape
-    row = 2 * dim
-    return encode(
-        cache,
-        [dim, heads, block_size, blocks],
-        [row, heads * row, block_size * heads * row],
-        [64, 1, block_size, 1],
-    )
-
-
-def block_map(cache: Any, heads_per_box: int) -> Any:
-    """Boxes of ``heads_per_box`` heads' whole part of a block (4 KB a head) of a cache
-    ``[block, token, head, dim]``, read as ``[block, head, half, token, 64 dims]``: each head's
-    half of the dimensions lands as 16 consecutive token rows of 128 bytes, so that the swizzle
-    spreads the tokens of a fragment over the banks."""
+def block_map(cache: Any, heads_per_box: int, halves_per_box: int = 2) -> Any:
+    """Boxes of ``heads_per_box`` heads' part of a block of a cache ``[block, token, head,
+    dim]``, read as ``[block, head, half, token, 64 dims]``: each head's half of the dimensions
+    lands as 16 consecutive token rows of 128 bytes, so that the swizzle spreads the tokens of a
+    fragment over the banks. A box holds both halves (4 KB a head) or one (2 KB)."""
     blocks, block_size, heads, dim = cache.shape
     row = 2 * dim
     return encode(
         cache,
         [64, block_size, 2, heads, blocks],
         [heads * row, 128, row, block_size * heads * row],
-        [64, block_size, 2, heads_per_box, 1],
+        [64, block_size, halves_per_box, heads_per_box, 1],
     )
 
 
 @functools.cache
-def tma_ring(stages: int) -> tuple[Any, int]:
-    """Version 5's ring alone (one warp a kv head) fed by TMA tensor copies: a buffer is one
-    head's part of a block as two swizzled 2 KB boxes (dimensions 0-63, then 64-127), started
-    by lanes 0 and 1. Returns the kernel and its shared memory in bytes."""
+def tma_ring(stages: int, heads: int, copies: int = 1) -> tuple[Any, int]:
+    """The ring fed by TMA tensor copies of ``block_map`` boxes, ``copies`` a block (1: all
+    the thread block's ``heads`` and both halves of the dimensions at once; 2: one half each,
+    one head), started by the first threads. Its arguments ``k`` and ``v`` are the maps."""
     p = _ptx()
-    bar_init, expect, landed, fence_async, tensor_copy, shared_at = (
-        p["bar_init"], p["expect"], p["landed"], p["fence_async"], p["tensor_copy"],
-        p["shared_at"],
-    )  # fmt: skip
-    block_size = SHAPE.block_size
-    buffer = 512  # words: 2 boxes of 16 rows of 128 bytes
-    ids_words = PARTITION // block_size // 2
-    head_words = ids_words + stages  # block numbers, barriers; the buffers after, aligned
-    shift = block_size.bit_length() - 1
-
-    @cuda.jit(device=True)
-    def issue(n, ring, first, bars, kmap, vmap, ids, blocks, kv_head):
-        b = n % stages
-        lane = cuda.threadIdx.x
-        lb = n if n < blocks else n - blocks
-        if lane == 0:
-            expect(bars, uint64(b), uint32(4096))
-        if lane < 2:
-            fence_async()
-            at = uint64(first + b * buffer + lane * 256)
-            tmap = kmap if n < blocks else vmap
-            tensor_copy(ring, at, tmap, int32(64 * lane), int32(kv_head), int32(0),
-                        int32(ids[lb]), bars, uint64(b))  # fmt: skip
-
-    @cuda.jit
-    def kernel(out, kmap, vmap, tables, lens):
-        kv_head, seq, part = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
-        lane = cuda.threadIdx.x
-        start = part * PARTITION
-        if start >= lens[seq]:
-            return
-        end = min(start + PARTITION, lens[seq])
-        ring = cuda.shared.array(0, uint64)
-        ids = cuda.shared.array(0, int32)[: 2 * ids_words]
-        bars = ring[ids_words:head_words]
-        first = head_words + ((1024 - (shared_at(ring) + 8 * head_words) % 1024) % 1024) // 8
-        first_block = start >> shift
-        blocks = ((end - 1) >> shift) - first_block + 1
-        for i in range(lane, blocks, WARP):
-            ids[i] = tables[seq, first_block + i]
-        if lane == 0:
-            for s in range(stages):
-                bar_init(bars, uint64(s))
-        cuda.syncthreads()
-        items = 2 * blocks
-        for n in range(min(stages - 1, items)):
-            issue(n, ring, first, bars, kmap, vmap, ids, blocks, kv_head)
-        seen = uint64(0)
-        for j in range(items):
-            s = j % stages
-            while landed(bars, uint64(s), uint32((j // stages) & 1)) == 0:
-                pass
-            cuda.syncwarp()
-            if j + stages - 1 < items:
-                issue(j + stages - 1, ring, first, bars, kmap, vmap, ids, blocks, kv_head)
-            # row 0 is not swizzled: its two halves are dimensions 0-63 and 64-127
-            seen ^= ring[first + s * buffer + lane % 16 + 256 * (lane // 16)]
-        out[seq, kv_head, part, lane] = seen
-
-    return kernel, 8 * (head_words + 128 + stages * buffer)
-
-
-@functools.cache
-def tma_block_ring(stages: int, heads: int) -> tuple[Any, int]:
-    """The ring alone for a thread block of ``heads`` warps, one a kv head, fed by one TMA copy
-    a block (``block_map``: all the CTA's heads, 4 KB each) by thread 0, waited for on the
-    buffer's ``mbarrier``, every warp done with a buffer before it is refilled. Returns the
-    kernel and its shared memory in bytes."""
-    p = _ptx()
-    bar_init, expect, landed, fence_async, tensor_copy5, shared_at = (
-        p["bar_init"], p["expect"], p["landed"], p["fence_async"], p["tensor_copy5"],
-        p["shared_at"],
-    )  # fmt: skip
-    block_size = SHAPE.block_size
+    expect, fence_async, tensor_copy5 = p["expect"], p["fence_async"], p["tensor_copy5"]
     buffer = 512 * heads  # words
-    ids_words = PARTITION // block_size // 2
-    head_words = ids_words + stages
-    shift = block_size.bit_length() - 1
-    threads = heads * WARP
 
     @cuda.jit(device=True)
-    def issue(n, ring, first, bars, kmap, vmap, ids, blocks):
+    def issue(n, ring, first, bars, kmap, vmap, ids, blocks, p0, p1, p2):
         b = n % stages
         lb = n if n < blocks else n - blocks
-        if cuda.threadIdx.x == 0:
-            fence_async()
+        tid = cuda.threadIdx.x
+        if tid == 0:
             expect(bars, uint64(b), uint32(8 * buffer))
+        if tid < copies:
+            fence_async()
             tmap = kmap if n < blocks else vmap
             head = int32(cuda.blockIdx.x * heads)
-            tensor_copy5(ring, uint64(first + b * buffer), tmap, int32(0), int32(0), int32(0),
-                         head, int32(ids[lb]), bars, uint64(b))  # fmt: skip
+            at = uint64(first + b * buffer + tid * (buffer // copies))
+            tensor_copy5(ring, at, tmap, int32(0), int32(0), int32(tid), head, int32(ids[lb]),
+                         bars, uint64(b))  # fmt: skip
 
-    @cuda.jit
-    def kernel(out, kmap, vmap, tables, lens):
-        seq, part = cuda.blockIdx.y, cuda.blockIdx.z
-        tid = cuda.threadIdx.x
-        warp, lane = tid // WARP, tid % WARP
-        start = part * PARTITION
-        if start >= lens[seq]:
-            return
-        end = min(start + PARTITION, lens[seq])
-        ring = cuda.shared.array(0, uint64)
-        ids = cuda.shared.array(0, int32)[: 2 * ids_words]
-        bars = ring[ids_words:head_words]
-        first = head_words + ((1024 - (shared_at(ring) + 8 * head_words) % 1024) % 1024) // 8
-        first_block = start >> shift
-        blocks = ((end - 1) >> shift) - first_block + 1
-        for i in range(tid, blocks, threads):
-            ids[i] = tables[seq, first_block + i]
-        if tid == 0:
-            for s in range(stages):
-                bar_init(bars, uint64(s))
-        cuda.syncthreads()
-        items = 2 * blocks
-        for n in range(min(stages - 1, items)):
-            issue(n, ring, first, bars, kmap, vmap, ids, blocks)
-        seen = uint64(0)
-        for j in range(items):
-            s = j % stages
-            while landed(bars, uint64(s), uint32((j // stages) & 1)) == 0:
-                pass
-            if heads == 1:
-                cuda.syncwarp()
-            else:
-                cuda.syncthreads()
-            if j + stages - 1 < items:
-                issue(j + stages - 1, ring, first, bars, kmap, vmap, ids, blocks)
-            # token 0's rows (rows 0 and 16 of the warp's 4 KB) are not swizzled
-            seen ^= ring[first + s * buffer + warp * 512 + lane % 16 + 256 * (lane // 16)]
-        out[seq, cuda.blockIdx.x * heads + warp, part, lane] = seen
+    @cuda.jit(device=True)
+    def word_of(warp, lane):
+        # token 0's rows (rows 0 and 16 of the warp's 4 KB) are not swizzled
+        return warp * 512 + lane % 16 + 256 * (lane // 16)
 
-    return kernel, 8 * (head_words + 128 + stages * buffer)
+    return ring_kernel(issue, stages, heads, buffer, word_of)
 
 
 @functools.cache
@@ -572,8 +433,8 @@ def tma_dump() -> Any:
     """One box (16 tokens x 64 dimensions of one head, 2 KB) through a tensor map into shared
     memory and straight out to ``out`` (256 words), to see where the swizzle put each piece."""
     p = _ptx()
-    bar_init, expect, landed, tensor_copy, shared_at = (
-        p["bar_init"], p["expect"], p["landed"], p["tensor_copy"], p["shared_at"]
+    bar_init, expect, landed, tensor_copy5, shared_at = (
+        p["bar_init"], p["expect"], p["landed"], p["tensor_copy5"], p["shared_at"]
     )  # fmt: skip
 
     @cuda.jit
@@ -585,8 +446,8 @@ def tma_dump() -> Any:
         if lane == 0:
             bar_init(bars, uint64(0))
             expect(bars, uint64(0), uint32(2048))
-            tensor_copy(ring, uint64(first), kmap, int32(0), int32(head), int32(0),
-                        int32(block), bars, uint64(0))  # fmt: skip
+            tensor_copy5(ring, uint64(first), kmap, int32(0), int32(0), int32(0), int32(head),
+                         int32(block), bars, uint64(0))  # fmt: skip
         while landed(bars, uint64(0), uint32(0)) == 0:
             pass
         for i in range(lane, 256, WARP):
@@ -610,8 +471,6 @@ def share(ms: float, nbytes: int, copy_gbs: float) -> str:
 
 
 def main() -> None:
-    from tune_tail import ring_launch, ring_probe, timed
-
     timing = gpu.Timing()
     copy_gbs = gpu.copy_bandwidth(timing)
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
@@ -660,6 +519,17 @@ def main() -> None:
     launch = ring_launch(ring_probe(16, words, 3), (kv, seqs, parts), WARP, shared, args)
     print(f"ring alone, cp.async, 3 buffers: {timed(launch, nbytes, timing, copy_gbs)}", flush=True)
 
+    def ring(kernel: Any, grid: tuple, threads: int, shared: int, args: tuple, check: bool) -> str:
+        """Time one ring probe; with ``check``, say whether it folded the words the cp.async
+        ring folds (the probes of the cache read as head-major fold others)."""
+        if shared > 48 * 1024:
+            allow_shared(kernel, args, shared)
+        cell = timed(ring_launch(kernel, grid, threads, shared, args), nbytes, timing, copy_gbs)
+        if not check:
+            return cell
+        agree = np.array_equal(out.copy_to_host(), expected.copy_to_host())
+        return cell + (", lands what cp.async does" if agree else ", DIFFERS from cp.async")
+
     print("\n## 4. the ring fed by cp.async.bulk")
     out = cuda.device_array_like(expected)
     block_words = 16 * kv * words
@@ -682,60 +552,38 @@ def main() -> None:
                 kernel, shared = bulk_ring(stages, runs, warps, pad)
                 args = (out, keys, values, a.block_tables, a.seq_lens,
                         *map(np.uint64, strides), scale)  # fmt: skip
-                if shared > 48 * 1024:
-                    allow_shared(kernel, args, shared)
-                grid = (kv // warps, seqs, parts)
-                launch = ring_launch(kernel, grid, warps * WARP, shared, args)
-                cell = timed(launch, nbytes, timing, copy_gbs)
-                same = ""
-                if scale == 1:  # minipaged's layout: the same words as the cp.async ring's
-                    agree = np.array_equal(out.copy_to_host(), expected.copy_to_host())
-                    same = ", lands what cp.async does" if agree else ", DIFFERS from cp.async"
-                print(f"bulk, {name}, {stages} buffers, {shared} B: {cell}{same}", flush=True)
+                cell = ring(kernel, (kv // warps, seqs, parts), warps * WARP, shared, args,
+                            scale == 1)  # fmt: skip
+                print(f"bulk, {name}, {stages} buffers, {shared} B: {cell}", flush=True)
             except Exception:
                 traceback.print_exc()
 
-    print("\n## 5. the ring fed by TMA tensor copies (two swizzled 2 KB boxes a block)")
+    print("\n## 5. the ring fed by TMA tensor copies (128-byte swizzle)")
+    if "tma" not in which:
+        return
     try:
-        if "tma" not in which:
-            raise ImportError("not asked for")
-        kmap, vmap = tensor_map(a.key_cache), tensor_map(a.value_cache)
+        kmap = block_map(a.key_cache, 1, 1)
         dump = cuda.device_array(256, np.uint64)
         tma_dump()[1, WARP, 0, 8 * (256 + 1) + 1024](dump, kmap, 5, 3)
         box = np.ascontiguousarray(a.key_cache.copy_to_host()[5, :, 3, :64])
         box = box.view(np.uint64).reshape(16, 8, 2)
         got = dump.copy_to_host().reshape(16, 8, 2)
         print("swizzle: piece c of row r lands at c ^ (r % 8):", np.array_equal(got, swizzled(box)))
-        if not np.array_equal(got, swizzled(box)):
-            print("unswizzled:", np.array_equal(got, box), got[:3, :, 0], box[:3, :, 0], sep="\n")
-        for stages in (3, 4, 6):
-            kernel, shared = tma_ring(stages)
-            args = (out, kmap, vmap, a.block_tables, a.seq_lens)
-            launch = ring_launch(kernel, (kv, seqs, parts), WARP, shared, args)
-            cell = timed(launch, nbytes, timing, copy_gbs)
-            agree = np.array_equal(out.copy_to_host(), expected.copy_to_host())
-            same = ", lands what cp.async does" if agree else ", DIFFERS from cp.async"
-            print(f"tma, one warp a head, {stages} buffers, {shared} B: {cell}{same}", flush=True)
-    except ImportError as e:
-        print(f"skipped: {e}")
     except Exception:
         traceback.print_exc()
-
-    print("\n## 6. the ring fed by one TMA copy a block (all the thread block's heads)")
-    for heads in (1, 2, 8) if "tma" in which else ():
+    # (warps a thread block, copies a block)
+    for heads, copies in ((1, 2), (1, 1), (2, 1), (8, 1)):
         try:
-            kmap, vmap = block_map(a.key_cache, heads), block_map(a.value_cache, heads)
-            for stages in (2, 3, 4):
-                kernel, shared = tma_block_ring(stages, heads)
-                args = (out, kmap, vmap, a.block_tables, a.seq_lens)
-                if shared > 48 * 1024:
-                    allow_shared(kernel, args, shared)
-                launch = ring_launch(kernel, (kv // heads, seqs, parts), heads * WARP, shared, args)
-                cell = timed(launch, nbytes, timing, copy_gbs)
-                agree = np.array_equal(out.copy_to_host(), expected.copy_to_host())
-                same = ", lands what cp.async does" if agree else ", DIFFERS from cp.async"
-                print(f"tma, {heads} warps, {4 * heads} KB a copy, {stages} buffers, {shared} B: "
-                      f"{cell}{same}", flush=True)  # fmt: skip
+            halves = 2 // copies
+            kmap = block_map(a.key_cache, heads, halves)
+            vmap = block_map(a.value_cache, heads, halves)
+            for stages in (2, 3, 4, 6):
+                kernel, shared = tma_ring(stages, heads, copies)
+                args = (out, kmap, vmap, a.block_tables, a.seq_lens, *[np.uint64(0)] * 3, 1)
+                cell = ring(kernel, (kv // heads, seqs, parts), heads * WARP, shared, args, True)
+                size = 4 * heads // copies
+                print(f"tma, {heads} warps, {copies} x {size} KB a block, {stages} buffers, "
+                      f"{shared} B: {cell}", flush=True)  # fmt: skip
         except Exception:
             traceback.print_exc()
 
