@@ -13,12 +13,13 @@ from datetime import date
 from typing import Any
 
 DESCRIPTION = """\
-Time the paged-attention kernels (versions 2 and 3, and PyTorch's scaled_dot_product_attention
-on a contiguous cache where torch is installed), copy_blocks and reshape_and_cache on the GPU,
-and the block manager's decode path on the CPU. Every GPU figure is a median of CUDA-event
-timings after warm-up; bandwidths are shown as a share of a device-to-device copy measured in
-the same run (bytes read plus bytes written). Without a CUDA GPU only the block-manager section
-runs (NUMBA_ENABLE_CUDASIM=1 with --quick dry-runs the GPU sections in the simulator)."""
+Time the paged-attention kernels (versions 2 to 5, the one paged_attention picks marked, and
+PyTorch's scaled_dot_product_attention on a contiguous cache where torch is installed),
+copy_blocks and reshape_and_cache on the GPU, and the block manager's decode path on the CPU.
+Every GPU figure is a median of CUDA-event timings after warm-up; bandwidths are shown as a
+share of a device-to-device copy measured in the same run (bytes read plus bytes written).
+Without a CUDA GPU only the block-manager section runs (NUMBA_ENABLE_CUDASIM=1 with --quick
+dry-runs the GPU sections in the simulator)."""
 
 EPILOG = """\
 sections:
