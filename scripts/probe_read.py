@@ -41,7 +41,7 @@ from numba import cuda, int32, uint32, uint64
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tune_tail import _wide_access, ring_launch, ring_probe, timed  # noqa: E402
+from tune_tail import _wide_access, ring_launch, ring_probe, ring_shared, timed, us_and_share  # noqa: E402
 
 from minipaged.bench import gpu  # noqa: E402
 from minipaged.kernels import attention_v3, attention_v5  # noqa: E402
@@ -466,10 +466,6 @@ def swizzled(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def share(ms: float, nbytes: int, copy_gbs: float) -> str:
-    return f"{1000 * ms:.1f} us {100 * nbytes / ms / 1e6 / copy_gbs:.1f}%"
-
-
 def main() -> None:
     timing = gpu.Timing()
     copy_gbs = gpu.copy_bandwidth(timing)
@@ -503,7 +499,8 @@ def main() -> None:
         tv = torch.as_tensor(a.value_cache, device="cuda")
         cell = timed(lambda: (tk.sum(), tv.sum()), nbytes, timing, copy_gbs)
         print(f"torch.sum of K, then of V: {cell}")
-        print(f"SDPA, contiguous cache: {share(gpu.sdpa_ms(SHAPE, timing), nbytes, copy_gbs)}")
+        sdpa = us_and_share(gpu.sdpa_ms(SHAPE, timing), nbytes, copy_gbs)
+        print(f"SDPA, contiguous cache: {sdpa}")
     except ImportError as e:
         print(f"skipped: {e}")
     except Exception:
@@ -513,7 +510,7 @@ def main() -> None:
     v5 = timed(lambda: attention_v5.launch_v5(a), nbytes, timing, copy_gbs)
     print(f"version 5 as paged_attention runs it: {v5}")
     expected = cuda.device_array((seqs, kv, parts, WARP), np.uint64)
-    shared = 8 * 3 * 16 * (words + attention_v5.PAD_WORDS) + 4 * (PARTITION // 16)
+    shared = ring_shared(3, words, PARTITION)
     args = (expected, keys, values, a.block_tables, a.seq_lens, PARTITION,
             np.uint64(kv * words), words, 1)  # fmt: skip
     launch = ring_launch(ring_probe(16, words, 3), (kv, seqs, parts), WARP, shared, args)

@@ -226,8 +226,18 @@ def timed(launch: Callable[[], Any], nbytes: int, timing: gpu.Timing, copy_gbs: 
     """``launch`` run once (it compiles), then timed: its median and the share of the copy
     bandwidth that moving ``nbytes`` in that time is."""
     launch()
-    ms = gpu.time_ms(launch, timing)
+    return us_and_share(gpu.time_ms(launch, timing), nbytes, copy_gbs)
+
+
+def us_and_share(ms: float, nbytes: int, copy_gbs: float) -> str:
+    """``ms`` and the share of the copy bandwidth that moving ``nbytes`` in that time is."""
     return f"{1000 * ms:.1f} us {100 * nbytes / ms / 1e6 / copy_gbs:.1f}%"
+
+
+def ring_shared(stages: int, words: int, partition: int) -> int:
+    """The shared memory a ``ring_probe`` kernel needs of its own: its buffers and the
+    partition's block numbers."""
+    return 8 * stages * 16 * (words + attention_v5.PAD_WORDS) + 4 * (partition // 16)
 
 
 def ring_launch(
@@ -256,7 +266,7 @@ def ceiling_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
             kernel = ring_probe(16, words, stages)
             parts = -(-ctx // 512)
             out = cuda.device_array((seqs, kv, parts, attention_v5.WARP), np.uint64)
-            natural = 8 * stages * 16 * (words + attention_v5.PAD_WORDS) + 4 * (512 // 16)
+            natural = ring_shared(stages, words, 512)
             as_v5 = attention_v5.shared_bytes(group, shape.head_dim, 16, 512, stages)
             layouts = {
                 "[block, token, head, dim]": (kv * words, words, 1),
@@ -295,7 +305,7 @@ def in_order_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
     shared = attention_v5.shared_bytes(group, shape.head_dim, shape.block_size, partition, 3)
     sdpa = gpu.sdpa_ms(shape, timing)
     if sdpa is not None:
-        print(f"SDPA: {1000 * sdpa:.1f} us {100 * shape.kv_bytes() / sdpa / 1e6 / copy_gbs:.1f}%")
+        print(f"SDPA: {us_and_share(sdpa, shape.kv_bytes(), copy_gbs)}")
     for name, tables in (("shuffled", a.block_tables), ("in order", in_order)):
         b = dataclasses.replace(a, block_tables=tables)
         args = (out, keys, values, tables, a.seq_lens, partition, np.uint64(kv * words), words, 1)
@@ -370,7 +380,7 @@ def streams_section(timing: gpu.Timing, copy_gbs: float, sms: int) -> None:
         parts = -(-shape.context // partition)
         kernel = ring_probe(16, words, stages, threads)
         out = cuda.device_array((seqs, kv, parts, threads), np.uint64)
-        shared = 8 * stages * 16 * (words + attention_v5.PAD_WORDS) + 4 * (partition // 16)
+        shared = ring_shared(stages, words, partition)
         args = (out, keys, values, a.block_tables, a.seq_lens, partition,
                 np.uint64(kv * words), words, 1)  # fmt: skip
         launch = ring_launch(kernel, (kv, seqs, parts), threads, shared, args)
