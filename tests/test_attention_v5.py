@@ -156,15 +156,16 @@ def test_merging_in_the_kernel_refuses_more_partitions_than_its_scratch_holds() 
     head_dim=st.sampled_from([4, 8, 16]),
     threads=st.sampled_from([4, 8, 16, 32, 64]),
     splits=st.sampled_from([1, 2, 4]),
+    loads=st.sampled_from([2, attention_v5.MERGE_LOADS]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_merge_partitions_matches_the_formula(
-    lens: list[int], head_dim: int, threads: int, splits: int, seed: int
+    lens: list[int], head_dim: int, threads: int, splits: int, loads: int, seed: int
 ) -> None:
     """``out = sum_p w_p o_p / sum_p w_p`` with ``w_p = l_p exp(m_p - max_p m_p)``, over the
-    partitions each sequence has (up to 50 of 8 tokens: the unrolled loads and the tail); what
-    lies past them in the workspace is NaN and must not be read. ``splits`` blocks share each
-    head's dimensions."""
+    partitions each sequence has (up to 50 of 8 tokens: with 2 ``loads``, many rounds of them,
+    the sums rescaled as the maximum grows, and a partial last round); what lies past them in
+    the workspace is NaN and must not be read. ``splits`` blocks share each head's dimensions."""
     rng = np.random.default_rng(seed)
     partition, heads = 8, 2
     parts = -(-max(lens) // partition)
@@ -182,8 +183,9 @@ def test_merge_partitions_matches_the_formula(
         want[s] = (w[:, :, None] * partial[s, :, :used]).sum(1) / w.sum(1)[:, None]
     out = cuda.to_device(np.full((len(lens), heads, head_dim), np.nan, np.float32))
     merge_args = (out, cuda.to_device(partial), cuda.to_device(logits), cuda.to_device(sums))
-    shared = 4 * (max(threads, head_dim // splits) + parts)
-    attention_v5.merge_partitions_kernel[(heads, len(lens), splits), threads, 0, shared](
+    shared = attention_v5.merge_shared_bytes(threads, head_dim // splits)
+    kernel = attention_v5.make_merge_kernel(loads)
+    kernel[(heads, len(lens), splits), threads, 0, shared](
         *merge_args, cuda.to_device(np.array(lens, np.int32)), partition
     )
     np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-5, atol=1e-5)

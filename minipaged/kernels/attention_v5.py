@@ -655,77 +655,130 @@ def make_kernel(
 
 # --- merging many partitions ----------------------------------------------------------------------
 
-MERGE_UNROLL = 4  # partitions whose partial outputs a thread loads before adding any
+MERGE_UNROLL = 4  # partitions whose partial outputs merge_if_last loads before adding any
 MERGE_BLOCKS = 128  # a merge grid is split over head dimensions up to this many blocks
 MERGE_MIN_DIMS = 32  # and no further than this many dimensions a block
 
 
-@cuda.jit
-def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
-    """Version 2's reduction for many partitions. Grid ``(num_heads, num_seqs, splits)``: block
-    ``(head, seq, z)`` combines dimensions ``z * dims`` to ``(z + 1) * dims - 1`` of that head,
-    ``dims = head_dim // splits``; ``blockDim.x`` a power of two; dynamic shared memory:
-    ``max(blockDim.x, dims)`` float32 of scratch and one float32 weight per partition.
+MERGE_LOADS = 16  # at most this many partitions' values in flight a thread
+MERGE_BLOCK_LOADS = 4096  # and at most this many a block, so its registers fit an SM
 
-    Version 2's reduction gives each thread one dimension and walks every partition for it, one
-    dependent load after another. That is cheap for a few partitions; a long context cut into
-    many (a small batch needs many to fill the GPU) makes it a long chain. Here the weights
-    ``w_p = l_p exp(m_p - M)`` are computed once per block, by all threads, into shared memory;
-    then ``slices = blockDim.x // dims`` threads share each dimension's partitions, each with
-    ``MERGE_UNROLL`` loads in flight, and their sums are added at the end. The same sum as
-    version 2's, in another order. Why the split over dimensions: a small batch is few heads
-    times few sequences, so one block per head leaves most SMs idle; the weights are cheap to
-    compute again in every block."""
-    head = cuda.blockIdx.x
-    seq = cuda.blockIdx.y
-    tid = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    dims = out.shape[2] // cuda.gridDim.z
-    first_dim = cuda.blockIdx.z * dims
-    parts = (seq_lens[seq] + partition_size - 1) // partition_size
-    shared = cuda.shared.array(0, float32)
-    scratch = shared[: max(threads, dims)]
-    weights = shared[max(threads, dims) :]
-    local = NEG_INF
-    for p in range(tid, parts, threads):
-        local = max(local, max_logits[seq, head, p])
-    top = v2._block_max(scratch, local)
-    local = float32(0.0)
-    for p in range(tid, parts, threads):
-        w = exp_sums[seq, head, p] * math.exp(max_logits[seq, head, p] - top)
-        weights[p] = w
-        local += w
-    total = v2._block_sum(scratch, local)  # (its first barrier also publishes the weights)
+
+def merge_loads(threads: int) -> int:
+    """Partitions whose values a thread of a ``threads``-thread merge block loads at once:
+    ``MERGE_LOADS``, fewer for larger blocks, whose registers would not fit an SM's 65,536
+    (ptxas: 127 registers a thread at 16 loads, 96 at 8, 80 at 4)."""
+    return max(1, min(MERGE_LOADS, MERGE_BLOCK_LOADS // threads))
+
+
+def merge_shared_bytes(threads: int, dims: int) -> int:
+    """Dynamic shared memory of one block of ``merge_partitions_kernel``: for ``threads``
+    threads merging ``dims`` dimensions, ``[red | sums | weight sums]`` in float32."""
     slices = max(1, threads // dims)
-    stride = slices * MERGE_UNROLL
-    for i in range(tid, slices * dims, threads):
-        d = first_dim + i % dims
-        p = i // dims  # this thread's slice: partitions p, p + slices, ...
-        acc = float32(0.0)
-        while p + stride <= parts:
-            for u in range(MERGE_UNROLL):
-                acc += weights[p + u * slices] * partial_out[seq, head, p + u * slices, d]
-            p += stride
-        while p < parts:
-            acc += weights[p] * partial_out[seq, head, p, d]
-            p += slices
-        scratch[i] = acc
-    cuda.syncthreads()
-    for d in range(tid, dims, threads):
-        acc = float32(0.0)
-        for k in range(slices):
-            acc += scratch[k * dims + d]
-        out[seq, head, first_dim + d] = acc / total
+    return 4 * (threads + slices * dims + slices)
+
+
+@functools.cache
+def make_merge_kernel(loads: int = MERGE_LOADS, threads: int | None = None) -> Any:
+    """``merge_partitions_kernel`` with up to ``loads`` partitions' values in flight a thread
+    (a constant of the compiled code: the size of its local arrays); with ``threads``, for
+    blocks of at most that many threads, which the compiler then fits in an SM's registers
+    (1,024 threads: 64 registers each)."""
+    bounds = {} if config.ENABLE_CUDASIM or threads is None else {"launch_bounds": threads}
+
+    @cuda.jit(**bounds)
+    def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
+        """Version 2's reduction for many partitions. Grid ``(num_heads, num_seqs, splits)``:
+        block ``(head, seq, z)`` combines dimensions ``z * dims`` to ``(z + 1) * dims - 1`` of
+        that head, ``dims = head_dim // splits``; ``blockDim.x`` a power of two; dynamic
+        shared memory: ``merge_shared_bytes``.
+
+        Version 2's reduction gives each thread one dimension and walks every partition for
+        it, one dependent load after another. That is cheap for a few partitions; a long
+        context cut into many (a small batch needs many to fill the GPU) makes it a long
+        chain. Here ``slices = blockDim.x // dims`` threads share each dimension, slice ``k``
+        taking partitions ``k``, ``k + slices``, ...; each (slice, dimension) pair is one
+        thread's. When every thread's partitions fit its ``loads`` registers (``direct``),
+        it loads all their maxima, exp sums and partial outputs before it uses any: the block
+        waits on memory once, then finds the largest maximum ``M`` among the values it holds,
+        and sums ``l_p exp(m_p - M) o_p`` and ``l_p exp(m_p - M)`` from registers. Otherwise
+        it first finds ``M`` from the maxima alone, then loads ``loads`` partitions at a time.
+        The same sum as version 2's, in another order. Why the split over dimensions: a small
+        batch is few heads times few sequences, so one block per head leaves most SMs idle."""
+        head = cuda.blockIdx.x
+        seq = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        dims = out.shape[2] // cuda.gridDim.z
+        first_dim = cuda.blockIdx.z * dims
+        parts = (seq_lens[seq] + partition_size - 1) // partition_size
+        slices = max(1, threads // dims)
+        pairs = slices * dims  # (slice, dimension) pairs: thread tid takes tid, + threads, ...
+        step = loads * slices  # partitions of one round of loads
+        shared = cuda.shared.array(0, float32)
+        red = shared[:threads]
+        accs = shared[threads : threads + pairs]
+        weights = shared[threads + pairs : threads + pairs + slices]
+        m = cuda.local.array(loads, float32)
+        ell = cuda.local.array(loads, float32)
+        o = cuda.local.array(loads, float32)
+        direct = threads >= dims and parts <= step  # one round of loads, held in registers
+        local = NEG_INF
+        if direct:
+            if tid < pairs:
+                d = first_dim + tid % dims
+                for u in range(loads):  # past the last partition: the last again, unused
+                    q = min(tid // dims + u * slices, parts - 1)
+                    m[u] = max_logits[seq, head, q]
+                    ell[u] = exp_sums[seq, head, q]
+                    o[u] = partial_out[seq, head, q, d]
+                    local = max(local, m[u])  # (the repeated last partition changes no max)
+        else:
+            for p in range(tid, parts, threads):
+                local = max(local, max_logits[seq, head, p])
+        top = v2._block_max(red, local)
+        for i in range(tid, pairs, threads):
+            d = first_dim + i % dims
+            acc = float32(0.0)
+            weight = float32(0.0)
+            for first in range(i // dims, parts, step):
+                if not direct:
+                    for u in range(loads):
+                        q = min(first + u * slices, parts - 1)
+                        m[u] = max_logits[seq, head, q]
+                        ell[u] = exp_sums[seq, head, q]
+                        o[u] = partial_out[seq, head, q, d]
+                for u in range(loads):
+                    if first + u * slices < parts:
+                        w = ell[u] * math.exp(m[u] - top)
+                        acc += w * o[u]
+                        weight += w
+            accs[i] = acc
+            if i % dims == 0:
+                weights[i // dims] = weight
+        cuda.syncthreads()
+        for d in range(tid, dims, threads):
+            total = float32(0.0)
+            acc = float32(0.0)
+            for k in range(slices):
+                total += weights[k]
+                acc += accs[k * dims + d]
+            out[seq, head, first_dim + d] = acc / total
+
+    return merge_partitions_kernel
+
+
+merge_partitions_kernel = make_merge_kernel()
 
 
 def merge_splits(head_dim: int, pairs: int) -> int:
     """How many merge blocks share one head, for ``pairs`` (head, sequence) pairs: double it
     while the grid stays within ``MERGE_BLOCKS`` blocks and each block keeps at least
-    ``MERGE_MIN_DIMS`` dimensions. Measured on an H200 (docs/benchmarks.md): at 1 x 32k (32
-    pairs) 4 blocks a head took 8.1 us against 12.6 us for one; at 8 x 16k (256 pairs) one
-    block a head was as fast as any split, and 4 took 16.2 us against 10.1: every block
-    recomputes its head's weights, so splitting pays only while the grid is too small to fill
-    the GPU."""
+    ``MERGE_MIN_DIMS`` dimensions. Measured on an H200 (docs/benchmarks.md, the merge that
+    waits on memory once): at 1 x 32k (32 pairs) 4 blocks a head took 6.3 us against 13.1 us
+    for one; at 8 x 16k (256 pairs) one block a head was the fastest, 7.6 us, and 4 took
+    11.5: every block reads its head's maxima again, so splitting pays only while the grid is
+    too small to fill the GPU."""
     splits = 1
     while (
         2 * splits * pairs <= MERGE_BLOCKS
@@ -752,8 +805,9 @@ def merge_partitions(
         splits = merge_splits(head_dim, num_heads * num_seqs)
     if splits < 1 or head_dim % splits:
         raise InvalidRequest(f"splits = {splits} does not divide head_dim = {head_dim}")
-    shared = 4 * (max(threads, head_dim // splits) + partial_out.shape[2])
-    merge_partitions_kernel[(num_heads, num_seqs, splits), threads, 0, shared](
+    shared = merge_shared_bytes(threads, head_dim // splits)
+    kernel = make_merge_kernel(merge_loads(threads), threads)
+    kernel[(num_heads, num_seqs, splits), threads, 0, shared](
         a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
     )
 
@@ -871,6 +925,33 @@ def choose_launch(
     return default
 
 
+def launch_partitions(a: v2.AttentionArgs, partition_size: int, stages: int, merges: bool) -> None:
+    """Launch version 5's partition kernel alone on inputs ``launch_v5`` has checked: the
+    partial results in ``a``'s workspace, and with ``merges`` the output too. (Apart from
+    ``launch_v5``, for timing the partition kernel without its merge.)"""
+    num_seqs, num_heads, head_dim = a.shape
+    _, block_size, kv_heads, _ = a.key_cache.shape
+    parts = -(-a.max_seq_len // partition_size)
+    group = num_heads // kv_heads
+    partial_out, max_logits, exp_sums = a.workspace(partition_size)
+    shared = shared_bytes(group, head_dim, block_size, partition_size, stages)
+    kernel = make_kernel(group, head_dim, block_size, stages, merges)
+    kernel[(kv_heads, num_seqs, parts), WARP, 0, shared](
+        a.out,
+        a.counters(kv_heads),
+        partial_out,
+        max_logits,
+        exp_sums,
+        a.query.reshape(a.query.size).view(np.uint32),
+        v3._flat_words(a.key_cache),
+        v3._flat_words(a.value_cache),
+        a.block_tables,
+        a.seq_lens,
+        a.scale,
+        partition_size,
+    )
+
+
 def launch_v5(
     a: v2.AttentionArgs,
     partition_size: int = v3.PARTITION_SIZE,
@@ -882,7 +963,7 @@ def launch_v5(
     partition kernel merges too, and there is no second launch. That needs ``2 * group``
     floats a partition in the logits' shared memory: at most ``partition_size // 2``
     partitions."""
-    num_seqs, num_heads, head_dim = a.shape
+    _, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     stages = v.check_int("stages", stages, 1, 16)
@@ -907,24 +988,7 @@ def launch_v5(
         address = v4._address(cache)
         if address % 16:
             raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
-    group = num_heads // kv_heads
-    partial_out, max_logits, exp_sums = a.workspace(partition_size)
-    shared = shared_bytes(group, head_dim, block_size, partition_size, stages)
-    kernel = make_kernel(group, head_dim, block_size, stages, in_kernel)
-    kernel[(kv_heads, num_seqs, parts), WARP, 0, shared](
-        a.out,
-        a.counters(kv_heads),
-        partial_out,
-        max_logits,
-        exp_sums,
-        a.query.reshape(a.query.size).view(np.uint32),
-        v3._flat_words(a.key_cache),
-        v3._flat_words(a.value_cache),
-        a.block_tables,
-        a.seq_lens,
-        a.scale,
-        partition_size,
-    )
+    launch_partitions(a, partition_size, stages, in_kernel)
     if not in_kernel:
         merge_partitions(a, partition_size, merge_threads)
 
