@@ -165,7 +165,8 @@ def test_merge_partitions_matches_the_formula(
     """``out = sum_p w_p o_p / sum_p w_p`` with ``w_p = l_p exp(m_p - max_p m_p)``, over the
     partitions each sequence has (up to 50 of 8 tokens: with 2 ``loads``, many rounds of them,
     the sums rescaled as the maximum grows, and a partial last round); what lies past them in
-    the workspace is NaN and must not be read. ``splits`` blocks share each head's dimensions."""
+    the workspace is NaN and must not be read. ``splits`` blocks share each head's dimensions;
+    where every thread's partitions fit its registers, the ``direct`` form merges them."""
     rng = np.random.default_rng(seed)
     partition, heads = 8, 2
     parts = -(-max(lens) // partition)
@@ -184,7 +185,9 @@ def test_merge_partitions_matches_the_formula(
     out = cuda.to_device(np.full((len(lens), heads, head_dim), np.nan, np.float32))
     merge_args = (out, cuda.to_device(partial), cuda.to_device(logits), cuda.to_device(sums))
     shared = attention_v5.merge_shared_bytes(threads, head_dim // splits)
-    kernel = attention_v5.make_merge_kernel(loads)
+    dims = head_dim // splits
+    direct = threads >= dims and parts <= loads * (threads // dims)  # its registers suffice
+    kernel = attention_v5.make_merge_kernel(loads, None, direct)
     kernel[(heads, len(lens), splits), threads, 0, shared](
         *merge_args, cuda.to_device(np.array(lens, np.int32)), partition
     )

@@ -679,12 +679,69 @@ def merge_shared_bytes(threads: int, dims: int) -> int:
 
 
 @functools.cache
-def make_merge_kernel(loads: int = MERGE_LOADS, threads: int | None = None) -> Any:
+def make_merge_kernel(
+    loads: int = MERGE_LOADS, threads: int | None = None, direct: bool = False
+) -> Any:
     """``merge_partitions_kernel`` with up to ``loads`` partitions' values in flight a thread
     (a constant of the compiled code: the size of its local arrays); with ``threads``, for
     blocks of at most that many threads, which the compiler then fits in an SM's registers
-    (1,024 threads: 64 registers each)."""
+    (1,024 threads: 64 registers each). ``direct``: the form for launches where every
+    thread's partitions fit its registers (``blockDim.x >= dims`` and at most ``loads *
+    slices`` partitions), with no code for more: on an H200 that form took 6.3 us at 1 x 32k
+    where one that could also take more rounds took 7.9 (docs/benchmarks.md)."""
     bounds = {} if config.ENABLE_CUDASIM or threads is None else {"launch_bounds": threads}
+
+    @cuda.jit(**bounds)
+    def merge_direct(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
+        """``merge_partitions_kernel`` when every thread's partitions fit its registers."""
+        head = cuda.blockIdx.x
+        seq = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        dims = out.shape[2] // cuda.gridDim.z
+        first_dim = cuda.blockIdx.z * dims
+        parts = (seq_lens[seq] + partition_size - 1) // partition_size
+        slices = threads // dims
+        pairs = slices * dims
+        shared = cuda.shared.array(0, float32)
+        red = shared[:threads]
+        accs = shared[threads : threads + pairs]
+        weights = shared[threads + pairs : threads + pairs + slices]
+        s = tid // dims
+        d = first_dim + tid % dims
+        m = cuda.local.array(loads, float32)
+        ell = cuda.local.array(loads, float32)
+        o = cuda.local.array(loads, float32)
+        local = NEG_INF
+        if tid < pairs:
+            for u in range(loads):  # past the last partition: the last again, unused
+                q = min(s + u * slices, parts - 1)
+                m[u] = max_logits[seq, head, q]
+                ell[u] = exp_sums[seq, head, q]
+                o[u] = partial_out[seq, head, q, d]
+            for u in range(loads):
+                if s + u * slices < parts:
+                    local = max(local, m[u])
+        top = v2._block_max(red, local)
+        if tid < pairs:
+            acc = float32(0.0)
+            weight = float32(0.0)
+            for u in range(loads):
+                if s + u * slices < parts:
+                    w = ell[u] * math.exp(m[u] - top)
+                    acc += w * o[u]
+                    weight += w
+            accs[tid] = acc
+            if tid % dims == 0:
+                weights[s] = weight
+        cuda.syncthreads()
+        if tid < dims:
+            total = float32(0.0)
+            acc = float32(0.0)
+            for k in range(slices):
+                total += weights[k]
+                acc += accs[k * dims + tid]
+            out[seq, head, first_dim + tid] = acc / total
 
     @cuda.jit(**bounds)
     def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
@@ -698,11 +755,12 @@ def make_merge_kernel(loads: int = MERGE_LOADS, threads: int | None = None) -> A
         context cut into many (a small batch needs many to fill the GPU) makes it a long
         chain. Here ``slices = blockDim.x // dims`` threads share each dimension, slice ``k``
         taking partitions ``k``, ``k + slices``, ...; each (slice, dimension) pair is one
-        thread's. When every thread's partitions fit its ``loads`` registers (``direct``),
-        it loads all their maxima, exp sums and partial outputs before it uses any: the block
-        waits on memory once, then finds the largest maximum ``M`` among the values it holds,
-        and sums ``l_p exp(m_p - M) o_p`` and ``l_p exp(m_p - M)`` from registers. Otherwise
-        it first finds ``M`` from the maxima alone, then loads ``loads`` partitions at a time.
+        thread's. When every thread's partitions fit its ``loads`` registers (the ``direct``
+        form), it loads all their maxima, exp sums and partial outputs before it uses any:
+        the block waits on memory once, then finds the largest maximum ``M`` among the values
+        it holds, and sums ``l_p exp(m_p - M) o_p`` and ``l_p exp(m_p - M)`` from registers.
+        Otherwise it first finds ``M`` from the maxima alone, then loads ``loads`` partitions
+        at a time.
         The same sum as version 2's, in another order. Why the split over dimensions: a small
         batch is few heads times few sequences, so one block per head leaves most SMs idle."""
         head = cuda.blockIdx.x
@@ -722,32 +780,20 @@ def make_merge_kernel(loads: int = MERGE_LOADS, threads: int | None = None) -> A
         m = cuda.local.array(loads, float32)
         ell = cuda.local.array(loads, float32)
         o = cuda.local.array(loads, float32)
-        direct = threads >= dims and parts <= step  # one round of loads, held in registers
         local = NEG_INF
-        if direct:
-            if tid < pairs:
-                d = first_dim + tid % dims
-                for u in range(loads):  # past the last partition: the last again, unused
-                    q = min(tid // dims + u * slices, parts - 1)
-                    m[u] = max_logits[seq, head, q]
-                    ell[u] = exp_sums[seq, head, q]
-                    o[u] = partial_out[seq, head, q, d]
-                    local = max(local, m[u])  # (the repeated last partition changes no max)
-        else:
-            for p in range(tid, parts, threads):
-                local = max(local, max_logits[seq, head, p])
+        for p in range(tid, parts, threads):
+            local = max(local, max_logits[seq, head, p])
         top = v2._block_max(red, local)
         for i in range(tid, pairs, threads):
             d = first_dim + i % dims
             acc = float32(0.0)
             weight = float32(0.0)
             for first in range(i // dims, parts, step):
-                if not direct:
-                    for u in range(loads):
-                        q = min(first + u * slices, parts - 1)
-                        m[u] = max_logits[seq, head, q]
-                        ell[u] = exp_sums[seq, head, q]
-                        o[u] = partial_out[seq, head, q, d]
+                for u in range(loads):  # past the last partition: the last again, unused
+                    q = min(first + u * slices, parts - 1)
+                    m[u] = max_logits[seq, head, q]
+                    ell[u] = exp_sums[seq, head, q]
+                    o[u] = partial_out[seq, head, q, d]
                 for u in range(loads):
                     if first + u * slices < parts:
                         w = ell[u] * math.exp(m[u] - top)
@@ -765,7 +811,7 @@ def make_merge_kernel(loads: int = MERGE_LOADS, threads: int | None = None) -> A
                 acc += accs[k * dims + d]
             out[seq, head, first_dim + d] = acc / total
 
-    return merge_partitions_kernel
+    return merge_direct if direct else merge_partitions_kernel
 
 
 merge_partitions_kernel = make_merge_kernel()
@@ -806,7 +852,10 @@ def merge_partitions(
     if splits < 1 or head_dim % splits:
         raise InvalidRequest(f"splits = {splits} does not divide head_dim = {head_dim}")
     shared = merge_shared_bytes(threads, head_dim // splits)
-    kernel = make_merge_kernel(merge_loads(threads), threads)
+    loads = merge_loads(threads)
+    dims = head_dim // splits
+    direct = threads >= dims and partial_out.shape[2] <= loads * (threads // dims)
+    kernel = make_merge_kernel(loads, threads, direct)
     kernel[(num_heads, num_seqs, splits), threads, 0, shared](
         a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
     )
