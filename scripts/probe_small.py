@@ -10,10 +10,10 @@ kv heads, the one batch of ``minipaged bench attention`` below 70% of the copy b
 3. ``ring``: version 5's copies alone (``tune_tail.ring_probe``, no arithmetic) on partitions
    of 128, 256 and 512 tokens, 3 to 6 buffers: does moving the data in one short wave take
    the partition kernel's time, or does the arithmetic?
-4. ``merge``: ``merge_partitions_kernel``, the same merge with no round for more partitions
-   than its registers hold (``two_pass_kernel``, as it was first measured), and version 2's
-   reduction, on several block sizes and splits, for the small batches ``choose_launch``
-   sends to a merge kernel.
+4. ``merge``: ``merge_partitions`` as ``paged_attention`` calls it, the merge kernel's direct
+   form with as many loads as a thread needs (``direct_merge``), and version 2's reduction, on
+   several block sizes and splits, for the small batches ``choose_launch`` sends to a merge
+   kernel.
 5. ``stages``: the partition kernel alone with deeper rings.
 
 Every attention variant is compared with version 2's output first (``tune_tail.Checked``).
@@ -22,7 +22,6 @@ GPU only; about a minute on an H200.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +40,6 @@ from probe_read import plain_read  # noqa: E402
 from tune_tail import Checked, ring_launch, ring_probe, ring_shared, timed, us_and_share  # noqa: E402
 
 from minipaged.bench import gpu  # noqa: E402
-from minipaged.kernels import attention as v2  # noqa: E402
 from minipaged.kernels import attention_v3, attention_v5  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*under-utilization")
@@ -51,75 +49,23 @@ MERGE_SHAPES = (SHAPE, gpu.AttentionShape(1, 32768, 32, 32), gpu.AttentionShape(
 WARP = attention_v5.WARP
 
 
-@functools.cache
-def two_pass_kernel(per_thread: int) -> Any:
-    """For comparison: a merge that holds all of a thread's partitions (at most
-    ``per_thread``) in registers and takes their largest maximum over the block before any
-    weight, instead of ``merge_partitions_kernel``'s running rescale. Grid and slices as
-    ``merge_partitions_kernel``'s, ``blockDim.x >= dims``; shared: ``blockDim.x + slices``
-    float32."""
-
-    @cuda.jit
-    def kernel(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
-        head, seq = cuda.blockIdx.x, cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
-        dims = out.shape[2] // cuda.gridDim.z
-        slices = threads // dims
-        first_dim = cuda.blockIdx.z * dims
-        parts = (seq_lens[seq] + partition_size - 1) // partition_size
-        shared = cuda.shared.array(0, float32)
-        scratch = shared[:threads]
-        sums = shared[threads : threads + slices]
-        d = first_dim + tid % dims
-        s = tid // dims
-        m = cuda.local.array(per_thread, float32)
-        ell = cuda.local.array(per_thread, float32)
-        o = cuda.local.array(per_thread, float32)
-        for k in range(per_thread):
-            p = min(s + k * slices, parts - 1)
-            m[k] = max_logits[seq, head, p]
-            ell[k] = exp_sums[seq, head, p]
-            o[k] = partial_out[seq, head, p, d]
-        top = attention_v5.NEG_INF
-        for k in range(per_thread):
-            if s + k * slices < parts:
-                top = max(top, m[k])
-        top = v2._block_max(scratch, top)
-        acc = float32(0.0)
-        weight = float32(0.0)
-        for k in range(per_thread):
-            if s + k * slices < parts:
-                w = ell[k] * math.exp(m[k] - top)
-                acc += w * o[k]
-                weight += w
-        scratch[tid] = acc
-        if tid % dims == 0:
-            sums[s] = weight
-        cuda.syncthreads()
-        if tid < dims:
-            total = float32(0.0)
-            acc = float32(0.0)
-            for k in range(slices):
-                total += sums[k]
-                acc += scratch[k * dims + tid]
-            out[seq, head, first_dim + tid] = acc / total
-
-    return kernel
-
-
-def two_pass(a: Any, partition_size: int, threads: int, splits: int) -> None:
-    """Merge ``a``'s partitions with ``two_pass_kernel``."""
+def direct_merge(a: Any, partition_size: int, threads: int, splits: int) -> None:
+    """Merge ``a``'s partitions with ``make_merge_kernel``'s direct form given as many loads
+    as every thread needs (a power of two), even where ``merge_partitions`` would cap them at
+    ``merge_loads`` and take the rounds of its other form."""
     num_seqs, num_heads, head_dim = a.shape
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
-    slices = threads // (head_dim // splits)
-    per_thread = 1 << max(0, math.ceil(math.log2(-(-partial_out.shape[2] // slices))))
-    two_pass_kernel(per_thread)[(num_heads, num_seqs, splits), threads, 0, 4 * (threads + slices)](
+    dims = head_dim // splits
+    slices = threads // dims
+    loads = 1 << max(0, math.ceil(math.log2(-(-partial_out.shape[2] // slices))))
+    shared = attention_v5.merge_shared_bytes(threads, dims)
+    kernel = attention_v5.make_merge_kernel(loads, None, True)
+    kernel[(num_heads, num_seqs, splits), threads, 0, shared](
         a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
     )
 
 
-# (threads, splits) of the merge, each for merge_partitions_kernel and two_pass_kernel; and
+# (threads, splits) of the merge, each by merge_partitions and by direct_merge; and
 # (None, None): version 2's reduction
 MERGE_V5 = attention_v5.merge_partitions
 MERGE_VARIANTS = [(None, None)] + [(t, k) for t in (256, 512, 1024) for k in (1, 2, 4, 8)]
@@ -190,8 +136,8 @@ def main() -> None:
                 g = s.heads // s.kv_heads
                 p, n, _ = attention_v5.choose_launch(s.seqs, s.kv_heads, s.context, 16, g, 128)
                 name = f"{s.heads}/{s.kv_heads} {s.seqs} x {s.context}, {p} tokens"
-                for (t, splits), kind in itertools.product(MERGE_VARIANTS, ("kernel", "two")):
-                    if t is None and kind == "two":
+                for (t, splits), kind in itertools.product(MERGE_VARIANTS, ("kernel", "direct")):
+                    if t is None and kind == "direct":
                         continue
                     if t is None:
                         label = "version 2's reduction"
@@ -200,8 +146,8 @@ def main() -> None:
                         label = f"merge_partitions_kernel, {t} threads, {splits} splits"
                         merge = lambda a, p=p, t=t, k=splits: MERGE_V5(a, p, t, k)  # noqa: E731
                     else:
-                        label = f"two_pass_kernel, {t} threads, {splits} splits"
-                        merge = lambda a, p=p, t=t, k=splits: two_pass(a, p, t, k)  # noqa: E731
+                        label = f"direct, uncapped loads, {t} threads, {splits} splits"
+                        merge = lambda a, p=p, t=t, k=splits: direct_merge(a, p, t, k)  # noqa: E731
                     both = lambda a, p=p, n=n, merge=merge: (  # noqa: E731
                         attention_v5.launch_partitions(a, p, n, False),
                         merge(a),

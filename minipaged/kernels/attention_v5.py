@@ -658,8 +658,6 @@ def make_kernel(
 MERGE_UNROLL = 4  # partitions whose partial outputs merge_if_last loads before adding any
 MERGE_BLOCKS = 128  # a merge grid is split over head dimensions up to this many blocks
 MERGE_MIN_DIMS = 32  # and no further than this many dimensions a block
-
-
 MERGE_LOADS = 16  # at most this many partitions' values in flight a thread
 MERGE_BLOCK_LOADS = 4096  # and at most this many a block, so its registers fit an SM
 
@@ -676,6 +674,21 @@ def merge_shared_bytes(threads: int, dims: int) -> int:
     threads merging ``dims`` dimensions, ``[red | sums | weight sums]`` in float32."""
     slices = max(1, threads // dims)
     return 4 * (threads + slices * dims + slices)
+
+
+@cuda.jit(device=True, **INLINE)
+def _merge_slices(out, accs, weights, seq, head, first_dim, dims, slices):
+    """The merge's last step, after a barrier: dimension ``first_dim + d`` of the output is the
+    sum of its ``slices`` slices' weighted sums ``accs[k * dims + d]`` over the sum of their
+    weights ``weights[k]``; the block's first ``dims`` threads (and more, a block narrower than
+    ``dims``) write it."""
+    for d in range(cuda.threadIdx.x, dims, cuda.blockDim.x):
+        total = float32(0.0)
+        acc = float32(0.0)
+        for k in range(slices):
+            total += weights[k]
+            acc += accs[k * dims + d]
+        out[seq, head, first_dim + d] = acc / total
 
 
 @functools.cache
@@ -735,13 +748,7 @@ def make_merge_kernel(
             if tid % dims == 0:
                 weights[s] = weight
         cuda.syncthreads()
-        if tid < dims:
-            total = float32(0.0)
-            acc = float32(0.0)
-            for k in range(slices):
-                total += weights[k]
-                acc += accs[k * dims + tid]
-            out[seq, head, first_dim + tid] = acc / total
+        _merge_slices(out, accs, weights, seq, head, first_dim, dims, slices)
 
     @cuda.jit(**bounds)
     def merge_partitions_kernel(out, partial_out, max_logits, exp_sums, seq_lens, partition_size):
@@ -755,13 +762,13 @@ def make_merge_kernel(
         context cut into many (a small batch needs many to fill the GPU) makes it a long
         chain. Here ``slices = blockDim.x // dims`` threads share each dimension, slice ``k``
         taking partitions ``k``, ``k + slices``, ...; each (slice, dimension) pair is one
-        thread's. When every thread's partitions fit its ``loads`` registers (the ``direct``
-        form), it loads all their maxima, exp sums and partial outputs before it uses any:
-        the block waits on memory once, then finds the largest maximum ``M`` among the values
-        it holds, and sums ``l_p exp(m_p - M) o_p`` and ``l_p exp(m_p - M)`` from registers.
-        Otherwise it first finds ``M`` from the maxima alone, then loads ``loads`` partitions
-        at a time.
-        The same sum as version 2's, in another order. Why the split over dimensions: a small
+        thread's. When every thread's partitions fit its ``loads`` registers, the ``direct``
+        form (``merge_direct``) loads all their maxima, exp sums and partial outputs before
+        it uses any: the block waits on memory once, then finds the largest maximum ``M``
+        among the values it holds, and sums ``l_p exp(m_p - M) o_p`` and ``l_p exp(m_p - M)``
+        from registers. This form takes any number: it first finds ``M`` from the maxima
+        alone, then loads ``loads`` partitions at a time. The same sum as version 2's, in
+        another order. Why the split over dimensions: a small
         batch is few heads times few sequences, so one block per head leaves most SMs idle."""
         head = cuda.blockIdx.x
         seq = cuda.blockIdx.y
@@ -803,13 +810,7 @@ def make_merge_kernel(
             if i % dims == 0:
                 weights[i // dims] = weight
         cuda.syncthreads()
-        for d in range(tid, dims, threads):
-            total = float32(0.0)
-            acc = float32(0.0)
-            for k in range(slices):
-                total += weights[k]
-                acc += accs[k * dims + d]
-            out[seq, head, first_dim + d] = acc / total
+        _merge_slices(out, accs, weights, seq, head, first_dim, dims, slices)
 
     return merge_direct if direct else merge_partitions_kernel
 
