@@ -14,7 +14,11 @@ kv heads, the one batch of ``minipaged bench attention`` below 70% of the copy b
    form with as many loads as a thread needs (``direct_merge``), and version 2's reduction, on
    several block sizes and splits, for the small batches ``choose_launch`` sends to a merge
    kernel.
-5. ``stages``: the partition kernel alone with deeper rings.
+5. ``stages``: the partition kernel alone with shallower and deeper rings, on partitions of
+   128, 256 and 512 tokens.
+6. ``warps``: blocks of several warps, each warp a run of the partition with its own ring,
+   combined in shared memory: the partition kernel alone, merging in the kernel, and followed
+   by the merge kernel, on the small batches and two larger ones.
 
 Every attention variant is compared with version 2's output first (``tune_tail.Checked``).
 GPU only; about a minute on an H200.
@@ -69,6 +73,13 @@ def direct_merge(a: Any, partition_size: int, threads: int, splits: int) -> None
 # (None, None): version 2's reduction
 MERGE_V5 = attention_v5.merge_partitions
 MERGE_VARIANTS = [(None, None)] + [(t, k) for t in (256, 512, 1024) for k in (1, 2, 4, 8)]
+# (warps, tokens a warp, buffers) of blocks of several warps
+WARP_VARIANTS = [(4, 256, 4), (8, 256, 4), (8, 256, 3), (8, 128, 2), (16, 128, 2), (16, 256, 2),
+                 (8, 512, 3), (4, 512, 4), (8, 512, 2)]  # fmt: skip
+WARP_SHAPES = MERGE_SHAPES + (
+    gpu.AttentionShape(32, 8192, 32, 8),
+    gpu.AttentionShape(64, 4096, 32, 8),
+)
 
 
 def main() -> None:
@@ -76,7 +87,7 @@ def main() -> None:
     copy_gbs = gpu.copy_bandwidth(timing)
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
     print(f"{gpu.device_name()}, {sms} SMs; copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
-    which = set(sys.argv[1:]) or {"read", "split", "ring", "merge", "stages"}
+    which = set(sys.argv[1:]) or {"read", "split", "ring", "merge", "stages", "warps"}
     shape = SHAPE
     nbytes = shape.kv_bytes()
     c = Checked(shape, 4)
@@ -165,15 +176,60 @@ def main() -> None:
                 traceback.print_exc()
 
     if "stages" in which:
-        print("\n## 5. the partition kernel alone, deeper rings")
-        for partition in (256, 512):
-            for n in (3, 4, 5, 6, 8):
+        print("\n## 5. the partition kernel alone, shallower and deeper rings")
+        for partition in (128, 256, 512):
+            for n in (2, 3, 4, 5, 6, 8):
                 if attention_v5.supports(np.float16, 32, 8, 128, 16, partition, n):
                     continue
                 alone = lambda a=a, p=partition, n=n: attention_v5.launch_partitions(a, p, n, False)  # noqa: E731
                 shared = attention_v5.shared_bytes(group, 128, 16, partition, n)
                 print(f"partition kernel, {partition} tokens, {n} buffers ({shared} B): "
                       f"{timed(alone, nbytes, timing, copy_gbs)}", flush=True)  # fmt: skip
+
+    if "warps" in which:
+        print("\n## 6. blocks of several warps")
+        for s in WARP_SHAPES:
+            try:
+                warp_section(c if s == shape else Checked(s, 4), timing, copy_gbs)
+            except Exception:
+                traceback.print_exc()
+
+
+def warp_section(m: Checked, timing: gpu.Timing, copy_gbs: float) -> None:
+    """``WARP_VARIANTS`` on one batch, after version 5 as ``paged_attention`` runs it."""
+    s = m.shape
+    g = s.heads // s.kv_heads
+    chosen = attention_v5.choose_launch(s.seqs, s.kv_heads, s.context, 16, g, 128)
+    name = f"{s.heads}/{s.kv_heads} {s.seqs} x {s.context}"
+
+    def as_chosen(a: Any) -> None:
+        attention_v5.launch_v5(a, *chosen)
+
+    print(f"{name}, as chosen {chosen}: {m.time(as_chosen, timing, copy_gbs)}")
+    for warps, sub, n in WARP_VARIANTS:
+        partition = warps * sub
+        parts = -(-s.context // partition)
+        label = f"{name}, {warps} warps x {sub} tokens, {n} buffers ({parts} partitions)"
+        if attention_v5.supports(np.float16, s.heads, s.kv_heads, 128, 16, partition, n, warps):
+            print(f"{label}: not supported")
+            continue
+
+        def alone(a: Any = m.a, p: int = partition, n: int = n, w: int = warps) -> None:
+            attention_v5.launch_partitions(a, p, n, False, w)
+
+        try:
+            cells = [f"alone {timed(alone, s.kv_bytes(), timing, copy_gbs)}"]
+        except Exception as e:  # noqa: BLE001  (a launch the GPU refuses: say so, go on)
+            cells = [f"alone {type(e).__name__}: {e}"]
+        for merge, what in ((attention_v5.IN_KERNEL, "in kernel"), (256, "merge kernel")):
+
+            def launch(
+                a: Any, p: int = partition, n: int = n, w: int = warps, k: int = merge
+            ) -> None:
+                attention_v5.launch_v5(a, p, n, k, w)
+
+            cells.append(f"{what} {m.time(launch, timing, copy_gbs)}")
+        print(f"{label}: " + "; ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -76,16 +76,20 @@ def test_mma_multiplies_fragments_laid_out_by_the_maps() -> None:
     np.testing.assert_allclose(d, want, rtol=1e-5, atol=1e-5)
 
 
+ONE_WARP = st.just(1)
+
+
 @st.composite
-def cases(draw):
-    """(args, partition_size, stages, merge_threads) for one launch version 5 supports; the
-    slots of every sequence's last block past its end hold NaN (a kernel must never let them
-    reach a sum)."""
+def cases(draw, warps=ONE_WARP):  # noqa: ANN001, ANN201
+    """(args, partition_size, stages, merge_threads, warps) for one launch version 5 supports;
+    the slots of every sequence's last block past its end hold NaN (a kernel must never let
+    them reach a sum)."""
     head_dim = draw(st.sampled_from([16, 32]))
     group = draw(st.sampled_from([1, 2, 3, 4, 8]))
     kv_heads = draw(st.integers(1, 2))
     block_size = draw(st.sampled_from([16, 32]))
-    partition = block_size * draw(st.integers(1, 2))
+    w = draw(warps)
+    partition = block_size * w * draw(st.integers(1, 2))
     stages = draw(st.integers(2, 4))
     lens = draw(st.lists(st.integers(1, 72), min_size=1, max_size=2))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -106,47 +110,66 @@ def cases(draw):
         draw(st.sampled_from([head_dim**-0.5, 2.0])),
     )
     merge = draw(st.sampled_from([None, attention_v5.IN_KERNEL, 16, 32, 64]))
-    return args, partition, stages, merge
+    return args, partition, stages, merge, w
 
 
-@settings(max_examples=15, deadline=None)
-@given(cases())
-def test_v5_matches_reference(case: tuple) -> None:
+def check_v5(case: tuple) -> None:
     """Every way to merge gives the reference. Merging in the kernel is launched twice on the
     same workspace: the last block of each group set its counter back to zero, so the second
     launch counts from zero again (else no block would merge, and the NaN would stay)."""
-    args, partition, stages, merge_threads = case
+    args, partition, stages, merge_threads, warps = case
     a = attention.prepare_attention(
         *args, out=cuda.to_device(np.full(args[0].shape, np.nan, args[0].dtype))
     )
-    attention_v5.launch_v5(a, partition, stages, merge_threads)
+    attention_v5.launch_v5(a, partition, stages, merge_threads, warps)
     close(a.out.copy_to_host(), expected(args), np.float16)
     if merge_threads == attention_v5.IN_KERNEL:
         kv_heads = args[1].shape[2]
         assert (a.counters(kv_heads).copy_to_host() == 0).all()
         a.out.copy_to_device(np.full(args[0].shape, np.nan, args[0].dtype))
-        attention_v5.launch_v5(a, partition, stages, merge_threads)
+        attention_v5.launch_v5(a, partition, stages, merge_threads, warps)
         close(a.out.copy_to_host(), expected(args), np.float16)
 
 
+@settings(max_examples=15, deadline=None)
+@given(cases())
+def test_v5_matches_reference(case: tuple) -> None:
+    check_v5(case)
+
+
+@settings(max_examples=8, deadline=None)
+@given(cases(st.sampled_from([2, 4])))
+def test_v5_with_several_warps_a_block_matches_reference(case: tuple) -> None:
+    """A partition cut into runs of 2 or 4 warps, each walking its own ring, and combined in
+    shared memory: short sequences leave the last warps' runs empty (weight 0), a partly
+    filled last block falls inside any run, and a group merged in the kernel has every
+    thread of the block merging."""
+    check_v5(case)
+
+
 def test_merging_in_the_kernel_refuses_more_partitions_than_its_scratch_holds() -> None:
-    """2 floats a partition and head in the logits' memory: 16-token partitions hold 8, and a
-    context of 9 x 16 tokens needs 9. Refused before any launch: the output is untouched."""
+    """2 floats a partition and head in the first warp's spent ring, logits and red: for 2
+    heads, 16-dimension rows, 16-token partitions and 2 buffers that is 480 floats, 120
+    partitions, and a context of 121 x 16 tokens needs 121. Refused before any launch: the
+    output is untouched; twice as long partitions (61) are fine."""
+    room = attention_v5.merge_scratch_floats(2, 16, 16, 16, 2)
+    assert room == 2 * 2 * 16 * (16 // 4 + attention_v5.PAD_WORDS) + 2 * (16 + WARP) == 480
+    blocks = room // 4 + 1
     rng = np.random.default_rng(2)
-    shape = (9, 16, 1, 16)
+    shape = (blocks, 16, 1, 16)
     args = (
         rng.standard_normal((1, 2, 16)).astype(np.float16),
         rng.standard_normal(shape).astype(np.float16),
         rng.standard_normal(shape).astype(np.float16),
-        np.arange(9, dtype=np.int32)[None],
-        np.array([9 * 16], np.int32),
+        np.arange(blocks, dtype=np.int32)[None],
+        np.array([blocks * 16], np.int32),
         0.25,
     )
     a = attention.prepare_attention(*args, out=cuda.to_device(np.full((1, 2, 16), 7, np.float16)))
-    with pytest.raises(InvalidRequest, match="at most 8 partitions"):
+    with pytest.raises(InvalidRequest, match="at most 120 partitions"):
         attention_v5.launch_v5(a, 16, 2, attention_v5.IN_KERNEL)
     assert (a.out.copy_to_host() == 7).all()
-    attention_v5.launch_v5(a, 32, 2, attention_v5.IN_KERNEL)  # 5 partitions of 32: fine
+    attention_v5.launch_v5(a, 32, 2, attention_v5.IN_KERNEL)
     close(a.out.copy_to_host(), expected(args), np.float16)
 
 
@@ -225,6 +248,11 @@ def test_supports_names_the_reason() -> None:
     assert "multiple of block_size" in supports(np.float16, 8, 8, 128, 16, partition_size=40)
     assert "at least 2 buffers" in supports(np.float16, 8, 8, 128, 16, stages=1)
     assert "shared memory" in supports(np.float16, 64, 8, 256, 32, partition_size=1024)
+    # several warps a block may ask for more than 48 KB (8 x 22 KB here), up to what an SM has
+    assert supports(np.float16, 32, 8, 128, 16, 2048, 4, warps=8) is None
+    assert "more than 232448" in supports(np.float16, 32, 8, 128, 16, 4096, 8, warps=16)
+    assert "multiple of 2 x block_size = 32" in supports(np.float16, 8, 8, 128, 16, 48, warps=2)
+    assert "1 to 16 warps" in supports(np.float16, 8, 8, 128, 16, 512, warps=32)
 
 
 @pytest.mark.parametrize(
@@ -234,6 +262,8 @@ def test_supports_names_the_reason() -> None:
         ({"stages": 1}, "at least 2 buffers"),
         ({"partition_size": 0}, "partition_size"),
         ({"merge_threads": 48}, "power of two"),
+        ({"warps": 0}, "warps must be >= 1"),
+        ({"partition_size": 16, "warps": 2}, "multiple of 2 x block_size"),
     ],
 )
 def test_v5_refuses_bad_launch_settings_and_writes_nothing(kwargs: dict, message: str) -> None:

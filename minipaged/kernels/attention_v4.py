@@ -184,8 +184,9 @@ def shared_bytes(
 def make_ring(block_size: int, words: int, ring_row: int, threads: int, stages: int) -> Any:
     """Device functions ``(fetch, advance, copy_offsets)`` that keep a ring of ``stages``
     buffers, each one physical block's rows (``words`` 8-byte words of one kv head each, stored
-    ``ring_row`` words apart) for a thread block of ``threads`` threads. Versions 4 and 5 share
-    them."""
+    ``ring_row`` words apart) filled by ``threads`` threads: a thread block, or (version 5 with
+    several warps a block) each group of ``threads`` consecutive threads its own ring. Versions
+    4 and 5 share them."""
     shift = block_size.bit_length() - 1
     buffer = block_size * ring_row  # words of one ring buffer
     chunks = block_size * words // 2  # 16-byte copies per block
@@ -200,7 +201,7 @@ def make_ring(block_size: int, words: int, ring_row: int, threads: int, stages: 
         """``(to_ring, to_cache)``: where this thread's first 16-byte piece of a block goes in a
         ring buffer and comes from in the block (in words; ``head_offset`` is the kv head's first
         word in a row of ``row_words`` words)."""
-        tid = cuda.threadIdx.x
+        tid = cuda.threadIdx.x % threads
         piece = 2 * (tid & (half - 1))
         to_ring = uint64((tid >> half_shift) * ring_row + piece)
         to_cache = uint64(tid >> half_shift) * row_words + uint64(head_offset + piece)
@@ -216,7 +217,7 @@ def make_ring(block_size: int, words: int, ring_row: int, threads: int, stages: 
         if live:
             first = uint64(table[lb] << shift) * row_words + to_cache
             for i in range(turns):
-                if chunks % threads == 0 or cuda.threadIdx.x + i * threads < chunks:
+                if chunks % threads == 0 or cuda.threadIdx.x % threads + i * threads < chunks:
                     _copy16(
                         ring,
                         at + to_ring + uint64(i * rows_per_turn * ring_row),

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,19 @@ _B_MAP = np.array([[fragment_b(lane, i) for i in range(4)] for lane in range(WAR
 # --- the product and the packing of halves -------------------------------------------------------
 
 if config.ENABLE_CUDASIM:
+    _warp_barriers: dict[tuple[int, ...], threading.Barrier] = {}
+    _warp_barriers_lock = threading.Lock()
+
+    def _syncwarp():  # noqa: ANN202
+        """Simulator ``__syncwarp``: the 32 threads of this thread's warp meet, and no others.
+        The simulator has only ``syncthreads``, which meets every live thread of the block: a
+        block of several warps, each with its own ring, would pair one warp's barriers with
+        another's."""
+        b = cuda.blockIdx
+        key = (b.x, b.y, b.z, cuda.threadIdx.x // WARP)
+        with _warp_barriers_lock:
+            barrier = _warp_barriers.setdefault(key, threading.Barrier(WARP))
+        barrier.wait()
 
     def _warp_posts(posted):  # noqa: ANN001, ANN202
         """Simulator: this thread's lane and its warp's ``6 * WARP`` words of ``posted``, where
@@ -139,9 +153,9 @@ if config.ENABLE_CUDASIM:
         Every lane of the warp calls it, as on the GPU."""
         lane, mine = _warp_posts(posted)
         mine[6 * lane : 6 * lane + 6] = (a0, a1, a2, a3, b0, b1)
-        cuda.syncthreads()
+        _syncwarp()
         halves = mine.copy().view(np.float16).astype(np.float64).reshape(WARP, 12)
-        cuda.syncthreads()
+        _syncwarp()
         a = np.zeros((16, 16))
         b = np.zeros((16, 8))
         a[_A_MAP[:, :, 0], _A_MAP[:, :, 1]] = halves[:, :8]
@@ -156,9 +170,9 @@ if config.ENABLE_CUDASIM:
         """Simulator: every lane posts its row address, then reads everyone's."""
         lane, mine = _warp_posts(posted)
         mine[6 * lane] = at
-        cuda.syncthreads()
+        _syncwarp()
         rows = mine[::6].copy()
-        cuda.syncthreads()
+        _syncwarp()
         return lane >> 2, lane & 3, rows
 
     def _halves(lo, hi):  # noqa: ANN001, ANN202
@@ -199,6 +213,11 @@ else:
     from numba.cuda.extending import intrinsic
 
     _F32, _I32, _F16 = ir.FloatType(), ir.IntType(32), ir.HalfType()
+
+    @cuda.jit(device=True, **INLINE)
+    def _syncwarp():
+        """The warp's lanes meet; their shared-memory writes before it are seen after it."""
+        cuda.syncwarp()
 
     @intrinsic
     def _mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, posted):  # noqa: ANN001, ANN202
@@ -282,13 +301,32 @@ else:
 # --- the kernel -----------------------------------------------------------------------------------
 
 
+def warp_words(group: int, head_dim: int, block_size: int, sub: int, stages: int) -> int:
+    """32-bit words of one warp's shared memory, ``[ring | logits | red | ids]``, for a warp
+    that walks ``sub`` tokens."""
+    ring = 2 * stages * block_size * (head_dim // 4 + PAD_WORDS)
+    return ring + group * (sub + WARP) + sub // block_size
+
+
 def shared_bytes(
-    group: int, head_dim: int, block_size: int, partition_size: int, stages: int
+    group: int, head_dim: int, block_size: int, partition_size: int, stages: int, warps: int = 1
 ) -> int:
-    """Dynamic shared memory of one thread block: ``[ring | logits | red | ids | posted]``."""
-    ring = 2 * stages * block_size * (head_dim // 4 + PAD_WORDS)  # in 32-bit words
-    ids = partition_size // block_size
-    return 4 * (ring + group * (partition_size + WARP) + ids + POSTED)
+    """Dynamic shared memory of one thread block: each of its ``warps`` warps' ``[ring |
+    logits | red | ids]`` (``warp_words``, on 16-byte boundaries), then the simulator's
+    ``posted``."""
+    words = warp_words(group, head_dim, block_size, partition_size // warps, stages)
+    stride = words if warps == 1 else -(-words // 4) * 4
+    return 4 * warps * (stride + POSTED)
+
+
+def merge_scratch_floats(
+    group: int, head_dim: int, block_size: int, partition_size: int, stages: int, warps: int = 1
+) -> int:
+    """Floats of shared memory a block merging its group in the kernel may use as scratch
+    (``merge_if_last``): its first warp's ring, logits and red, all spent by then."""
+    return warp_words(group, head_dim, block_size, partition_size // warps, stages) - (
+        partition_size // warps // block_size
+    )
 
 
 @functools.cache
@@ -298,11 +336,23 @@ def make_kernel(
     block_size: int,
     stages: int = STAGES,
     merges: bool = False,
+    warps: int = 1,
 ) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
-    values, blocks of ``block_size`` tokens and a ring of ``stages`` buffers, all constants of
-    the compiled code; with ``merges``, the last block of each (sequence, kv head) to finish
-    also merges its partitions into the output (``merge_if_last``)."""
+    values, blocks of ``block_size`` tokens, a ring of ``stages`` buffers and ``warps`` warps a
+    thread block, all constants of the compiled code; with ``merges``, the last block of each
+    (sequence, kv head) to finish also merges its partitions into the output
+    (``merge_if_last``).
+
+    With several warps a block, a partition is cut into ``warps`` runs of tokens, one a warp,
+    each warp with its own ring, logits and barriers (``__syncwarp``): the warps of a block do
+    not wait for each other until the end, where they combine their runs in shared memory
+    (``combine_warps``) into the one partial result of the partition. Why: a small batch cut
+    into many one-warp partitions needs a merge of many partitions after them, a launch of its
+    own (docs/benchmarks.md: 6.5 us of 50 at 1 x 32k); a block of 8 warps has 8 times fewer
+    partitions to merge, and 8 times the threads to merge them with, so the last block of a
+    group can merge them in the kernel."""
+    threads = warps * WARP
     words = head_dim // 4  # 8-byte words of a row
     ring_row = words + PAD_WORDS  # ring row, in 8-byte words
     row32, row16 = 2 * ring_row, 4 * ring_row  # the same in 32- and 16-bit units
@@ -312,6 +362,39 @@ def make_kernel(
     shift = block_size.bit_length() - 1
     ring_floats = 2 * stages * block_size * ring_row
     fetch, advance, copy_offsets = v4.make_ring(block_size, words, ring_row, WARP, stages)
+    outputs = group * head_dim  # values of a partition's partial output, over its heads
+    slot = outputs + 2 * group  # a warp's run in combine_warps: [output | maxima | sums]
+
+    if warps == 1:  # one warp is the whole block: version 5 as it was first measured
+
+        @cuda.jit(device=True, **INLINE)
+        def ring_sync():
+            cuda.syncthreads()
+
+    else:
+        ring_sync = _syncwarp
+
+    @cuda.jit(device=True, **INLINE)
+    def warp_reduce(red, local, take_max):
+        """Per query head ``h < group``: the maximum (or sum) of ``local[h]`` over the warp's
+        lanes, by a tree in the warp's ``red`` (``group * WARP`` floats); the result is back
+        in ``local`` for every lane."""
+        lane = cuda.threadIdx.x % WARP
+        for h in range(group):
+            red[h * WARP + lane] = local[h]
+        ring_sync()
+        stride = WARP // 2
+        while stride > 0:
+            if lane < stride:
+                for h in range(group):
+                    a = red[h * WARP + lane]
+                    b = red[h * WARP + lane + stride]
+                    red[h * WARP + lane] = max(a, b) if take_max else a + b
+            ring_sync()
+            stride //= 2
+        for h in range(group):
+            local[h] = red[h * WARP]
+        ring_sync()  # every lane has read the results before red is reused
 
     @cuda.jit(device=True, **INLINE)
     def fetch_item(
@@ -326,10 +409,10 @@ def make_kernel(
         to_ring,
         to_cache,
     ):
-        """Start copying item ``j`` of the partition's one stream through the ring: its K
-        blocks, then its V blocks (an empty group past them). One stream, not two: the last
-        turns of the logits already fetch V's first blocks, so the ring never runs dry
-        between the two products."""
+        """Start copying item ``j`` of the warp's one stream through its ring: its K blocks,
+        then its V blocks (an empty group past them). One stream, not two: the last turns of
+        the logits already fetch V's first blocks, so the ring never runs dry between the two
+        products."""
         if j < blocks:
             fetch(ring, at, key_words, ids, j, row_words, to_ring, to_cache, True)
         else:
@@ -356,12 +439,36 @@ def make_kernel(
         everyone is done with the buffer before it), start item ``j`` into that freed buffer
         at word ``at``; returns where the next item goes."""
         wait()
-        cuda.syncthreads()
+        ring_sync()
         fetch_item(ring, at, key_words, value_words, ids, blocks, j, row_words, to_ring, to_cache)
         return advance(at)
 
-    per_lane = -(-head_dim // WARP)  # dimensions of one head a lane merges
-    merged = group * per_lane  # (a plain constant, for the local array's size)
+    @cuda.jit(device=True, **INLINE)
+    def combine_warps(partial_out, max_logits, exp_sums, runs, stride, seq, kv_head, part):
+        """After a barrier: the block's ``warps`` runs, warp ``w``'s at ``runs[w * stride:]``
+        as ``[output (head-major) | maxima | exp sums]``, into the partition's partial result,
+        as a merge of partitions does it: with ``M`` the largest maximum, run ``w`` weighs
+        ``l_w exp(m_w - M)``. A warp whose run lies past the sequence's end left weight 0."""
+        for o in range(cuda.threadIdx.x, outputs, threads):
+            h = o // head_dim
+            top = NEG_INF
+            for w in range(warps):
+                top = max(top, runs[w * stride + outputs + h])
+            total = float32(0.0)
+            acc = float32(0.0)
+            for w in range(warps):
+                at = w * stride
+                weight = runs[at + outputs + group + h] * math.exp(runs[at + outputs + h] - top)
+                total += weight
+                acc += weight * runs[at + o]
+            d = o - h * head_dim
+            partial_out[seq, kv_head * group + h, part, d] = acc / total
+            if d == 0:
+                max_logits[seq, kv_head * group + h, part] = top
+                exp_sums[seq, kv_head * group + h, part] = total
+
+    per_thread = -(-outputs // threads)  # outputs of a group one thread merges
+    unroll = min(MERGE_LOADS, max(MERGE_UNROLL, 64 // per_thread))
 
     @cuda.jit(device=True, **INLINE)
     def merge_if_last(
@@ -375,17 +482,17 @@ def make_kernel(
         Why here and not in a second kernel: at 64 x 4096 version 2's reduction took 18 of
         version 5's 301 us, mostly waiting: a launch of its own, and a thread per dimension
         walking the partitions one dependent load after another. Here one block in ``parts``
-        does it, without a launch, loading ``MERGE_UNROLL`` partitions' partial outputs (just
+        does it, without a launch, loading ``unroll`` partitions' partial outputs (just
         written, so likely still in L2) before adding any. One warp for a whole group is slow
         for many partitions, though: ``choose_launch`` says when it pays.
 
         The handshake is the classic one: every block's writes are made visible to the whole
         GPU (``threadfence``) before it counts itself, so the block that sees ``parts - 1`` as
         the old count knows every partial result of its group is in memory."""
-        lane = cuda.threadIdx.x
+        tid = cuda.threadIdx.x
         cuda.threadfence()
         cuda.syncthreads()
-        if lane == 0:
+        if tid == 0:
             flag[0] = cuda.atomic.add(counters, (seq, kv_head), 1)
         cuda.syncthreads()
         if flag[0] != parts - 1:
@@ -393,45 +500,43 @@ def make_kernel(
         cuda.threadfence()
         n = group * parts
         first = kv_head * group
-        for i in range(lane, n, WARP):  # scratch: [maxima | exp sums, then weights]
+        for i in range(tid, n, threads):  # scratch: [maxima | exp sums, then weights]
             h = i // parts
             scratch[i] = max_logits[seq, first + h, i - h * parts]
             scratch[n + i] = exp_sums[seq, first + h, i - h * parts]
         cuda.syncthreads()
-        for i in range(lane, n, WARP):  # weight of a partition: l_p exp(m_p - M)
+        for i in range(tid, n, threads):  # weight of a partition: l_p exp(m_p - M)
             h = i // parts
             top = NEG_INF
             for p in range(parts):
                 top = max(top, scratch[h * parts + p])
             scratch[n + i] *= math.exp(scratch[i] - top)
         cuda.syncthreads()
-        acc = cuda.local.array(merged, float32)
-        for i in range(merged):
-            acc[i] = float32(0.0)
-        # MERGE_UNROLL partitions' group * per_lane loads at once; past the last partition
-        # the loads repeat it (in bounds, no branch to wait on) and weigh 0
-        for p0 in range(0, parts, MERGE_UNROLL):
-            for u in range(MERGE_UNROLL):
+        acc = cuda.local.array(per_thread, float32)
+        for k in range(per_thread):
+            acc[k] = float32(0.0)
+        # unroll partitions' per_thread loads at once; past the last partition, or the last
+        # output, the loads repeat it (in bounds, no branch to wait on) and weigh 0
+        for p0 in range(0, parts, unroll):
+            for u in range(unroll):
                 p = min(p0 + u, parts - 1)
-                for h in range(group):
+                for k in range(per_thread):
+                    o = min(tid + threads * k, outputs - 1)
+                    h = o // head_dim
                     w = scratch[n + h * parts + p] if p0 + u < parts else float32(0.0)
-                    for k in range(per_lane):
-                        d = min(lane + WARP * k, head_dim - 1)
-                        acc[h * per_lane + k] += w * partial_out[seq, first + h, p, d]
-        for h in range(group):
-            total = float32(0.0)
-            for p in range(parts):
-                total += scratch[n + h * parts + p]
-            for k in range(per_lane):
-                d = lane + WARP * k
-                if d < head_dim:
-                    out[seq, first + h, d] = acc[h * per_lane + k] / total
-        if lane == 0:
+                    acc[k] += w * partial_out[seq, first + h, p, o - h * head_dim]
+        for k in range(per_thread):
+            o = tid + threads * k
+            if o < outputs:
+                h = o // head_dim
+                total = float32(0.0)
+                for p in range(parts):
+                    total += scratch[n + h * parts + p]
+                out[seq, first + h, o - h * head_dim] = acc[k] / total
+        if tid == 0:
             counters[seq, kv_head] = 0
 
-    _block_reduce = v3._block_reduce
-
-    @cuda.jit
+    @cuda.jit(**({} if warps == 1 or config.ENABLE_CUDASIM else {"launch_bounds": threads}))
     def paged_attention_v5_kernel(
         out,
         counters,
@@ -446,208 +551,232 @@ def make_kernel(
         scale,
         partition_size,
     ):
-        """Grid ``(num_kv_heads, num_seqs, num_partitions)``, one warp per block; writes what
-        version 2's partition kernel writes, for the ``group`` query heads of kv head
+        """Grid ``(num_kv_heads, num_seqs, num_partitions)``, ``warps`` warps a block; writes
+        what version 2's partition kernel writes, for the ``group`` query heads of kv head
         ``blockIdx.x``, and with ``merges`` the output too (``counters``: int32
         ``[num_seqs, num_kv_heads]``, zero before and after the launch); without, ``out`` and
         ``counters`` are not touched."""
         kv_head = cuda.blockIdx.x
         seq = cuda.blockIdx.y
         part = cuda.blockIdx.z
-        lane = cuda.threadIdx.x
+        lane = cuda.threadIdx.x % WARP
+        warp = cuda.threadIdx.x // WARP
         seq_len = seq_lens[seq]
-        start = part * partition_size
-        if start >= seq_len:
+        if part * partition_size >= seq_len:
             return
-        end = min(start + partition_size, seq_len)
+        sub = partition_size // warps  # tokens of one warp's run
+        start = part * partition_size + warp * sub
+        end = min(start + sub, seq_len)
         num_heads = partial_out.shape[1]
         row_words = uint64(num_heads // group * words)
         table = block_tables[seq]
 
-        ring = cuda.shared.array(0, uint64)  # the same memory, seen in 8-, 4- and 2-byte units
-        ring32 = cuda.shared.array(0, uint32)
-        ring16 = cuda.shared.array(0, uint16)
+        # this warp's [ring | logits | red | ids], seen in 8-, 4- and 2-byte units
+        mine = ring_floats + group * (sub + WARP) + (sub >> shift)
+        stride = mine if warps == 1 else (mine + 3) // 4 * 4  # 16-byte boundaries
+        base = warp * stride
         smem = cuda.shared.array(0, float32)
-        logits = smem[ring_floats : ring_floats + group * partition_size]  # [token, head]
-        red = smem[
-            ring_floats + group * partition_size : ring_floats + group * (partition_size + WARP)
-        ]
-        ids_at = ring_floats + group * (partition_size + WARP)
-        ids = cuda.shared.array(0, int32)[ids_at : ids_at + (partition_size >> shift)]
-        posted = ring32[ids_at + (partition_size >> shift) :]
+        ring = cuda.shared.array(0, uint64)[base // 2 : base // 2 + ring_floats // 2]
+        ring32 = cuda.shared.array(0, uint32)[base : base + ring_floats]
+        ring16 = cuda.shared.array(0, uint16)[2 * base : 2 * (base + ring_floats)]
+        logits_at = base + ring_floats
+        logits = smem[logits_at : logits_at + group * sub]  # [token, head]
+        red = smem[logits_at + group * sub : logits_at + group * (sub + WARP)]
+        ids_at = logits_at + group * (sub + WARP)
+        ids = cuda.shared.array(0, int32)[ids_at : ids_at + (sub >> shift)]
+        posted = cuda.shared.array(0, uint32)[warps * stride :]  # (the simulator's)
 
-        first_block = start >> shift
-        blocks = ((end - 1) >> shift) - first_block + 1
-        # the partition's physical block numbers, read once: a turn of the ring then starts its
-        # copies without waiting for a load from global memory
-        for i in range(lane, blocks, WARP):
-            ids[i] = table[first_block + i]
-        cuda.syncthreads()
-        to_ring, to_cache = copy_offsets(row_words, kv_head * words)
-        write_at = uint64(0)
-        for j in range(stages - 1):  # the first blocks of K on their way
-            fetch_item(
-                ring,
-                write_at,
-                key_words,
-                value_words,
-                ids,
-                blocks,
-                j,
-                row_words,
-                to_ring,
-                to_cache,
-            )
-            write_at = advance(write_at)
+        if start < seq_len:
+            first_block = start >> shift
+            blocks = ((end - 1) >> shift) - first_block + 1
+            # the run's physical block numbers, read once: a turn of the ring then starts its
+            # copies without waiting for a load from global memory
+            for i in range(lane, blocks, WARP):
+                ids[i] = table[first_block + i]
+            ring_sync()
+            to_ring, to_cache = copy_offsets(row_words, kv_head * words)
+            write_at = uint64(0)
+            for j in range(stages - 1):  # the first blocks of K on their way
+                fetch_item(
+                    ring,
+                    write_at,
+                    key_words,
+                    value_words,
+                    ids,
+                    blocks,
+                    j,
+                    row_words,
+                    to_ring,
+                    to_cache,
+                )
+                write_at = advance(write_at)
 
-        # this lane's place in the fragments: row group g, position t
-        g = lane >> 2
-        t = lane & 3
-        mine = g < group  # lanes of row groups past the heads hold zeros of B
-        # the row this lane names to ldmatrix, in 16-bit units from a tile's first value:
-        # matrix j = lane // 8 is rows 8 (j % 2) and columns 8 (j // 2) of K's tile (tokens x
-        # dimensions), and of V's transposed tile rows 8 (j // 2), columns 8 (j % 2)
-        k_lane = uint64(((lane & 7) + 8 * ((lane >> 3) & 1)) * row16 + 8 * (lane >> 4))
-        v_lane = uint64(((lane & 7) + 8 * (lane >> 4)) * row16 + 8 * ((lane >> 3) & 1))
+            # this lane's place in the fragments: row group g, position t
+            g = lane >> 2
+            t = lane & 3
+            lit = g < group  # lanes of row groups past the heads hold zeros of B
+            # the row this lane names to ldmatrix, in 16-bit units from a tile's first value:
+            # matrix j = lane // 8 is rows 8 (j % 2) and columns 8 (j // 2) of K's tile (tokens
+            # x dimensions), and of V's transposed tile rows 8 (j // 2), columns 8 (j % 2)
+            k_lane = uint64(((lane & 7) + 8 * ((lane >> 3) & 1)) * row16 + 8 * (lane >> 4))
+            v_lane = uint64(((lane & 7) + 8 * (lane >> 4)) * row16 + 8 * ((lane >> 3) & 1))
 
-        # B of the logits: query head g's values 16 c + 2 t, + 1 and 16 c + 8 + 2 t, + 1
-        qb = cuda.local.array(q_regs, uint32)
-        q_at = uint64(((seq * num_heads + kv_head * group + (g if mine else 0)) * head_dim) // 2)
-        for c in range(chunks):
-            for h in range(2):
-                qb[2 * c + h] = query_words[q_at + uint64(8 * c + 4 * h + t)] if mine else 0
+            # B of the logits: query head g's values 16 c + 2 t, + 1 and 16 c + 8 + 2 t, + 1
+            qb = cuda.local.array(q_regs, uint32)
+            q_head = seq * num_heads + kv_head * group + (g if lit else 0)
+            q_at = uint64((q_head * head_dim) // 2)
+            for c in range(chunks):
+                for h in range(2):
+                    qb[2 * c + h] = query_words[q_at + uint64(8 * c + 4 * h + t)] if lit else 0
 
-        # 1. logits, 16 tokens at a time; lane (g, t) gets tokens g and g + 8, heads 2t and 2t+1
-        s = cuda.local.array(8, float32)
-        top = cuda.local.array(2, float32)  # largest logit of heads 2t and 2t + 1
-        top[0] = NEG_INF
-        top[1] = NEG_INF
-        here = uint64(0)
-        for b in range(blocks):
-            write_at = turn(
-                ring,
-                write_at,
-                key_words,
-                value_words,
-                ids,
-                blocks,
-                b + stages - 1,
-                row_words,
-                to_ring,
-                to_cache,
-            )
-            t0 = (first_block + b) << shift
-            here16 = uint64(4) * here
-            for tile in range(tiles):
-                for i in range(8):
-                    s[i] = float32(0.0)
-                at = here16 + uint64(tile * TILE * row16) + k_lane
-                for c in range(chunks):  # two chains of products (s[0:4], s[4:8]), so they overlap
-                    a0, a1, a2, a3 = _ldsm(ring16, at + uint64(16 * c), posted)
-                    o = 4 * (c & 1)
-                    q0, q1 = qb[2 * c], qb[2 * c + 1]
-                    s[o], s[o + 1], s[o + 2], s[o + 3] = _mma(
-                        a0, a1, a2, a3, q0, q1, s[o], s[o + 1], s[o + 2], s[o + 3], posted
-                    )  # fmt: skip
-                for i in range(4):
-                    s[i] += s[4 + i]
-                for i in range(4):
-                    token = t0 + tile * TILE + g + 8 * (i >> 1)
-                    head = 2 * t + (i & 1)
-                    if token < end and head < group:
-                        x = s[i] * scale
-                        logits[uint64((token - start) * group + head)] = x
-                        top[i & 1] = max(top[i & 1], x)
-            here = advance(here)
-        stat = cuda.local.array(group, float32)  # per head: the maximum, later the sum
-        for h in range(group):
-            stat[h] = top[0] if h == 2 * t else (top[1] if h == 2 * t + 1 else NEG_INF)
-        _block_reduce(red, stat, group, True)  # (V's first blocks are landing meanwhile)
-        m = cuda.local.array(group, float32)
-        for h in range(group):
-            m[h] = stat[h]
-            stat[h] = float32(0.0)
-        for i in range(lane, end - start, WARP):
+            # 1. logits, 16 tokens at a time; lane (g, t) gets tokens g and g + 8, heads 2t, 2t+1
+            s = cuda.local.array(8, float32)
+            top = cuda.local.array(2, float32)  # largest logit of heads 2t and 2t + 1
+            top[0] = NEG_INF
+            top[1] = NEG_INF
+            here = uint64(0)
+            for b in range(blocks):
+                write_at = turn(
+                    ring,
+                    write_at,
+                    key_words,
+                    value_words,
+                    ids,
+                    blocks,
+                    b + stages - 1,
+                    row_words,
+                    to_ring,
+                    to_cache,
+                )
+                t0 = (first_block + b) << shift
+                here16 = uint64(4) * here
+                for tile in range(tiles):
+                    for i in range(8):
+                        s[i] = float32(0.0)
+                    at = here16 + uint64(tile * TILE * row16) + k_lane
+                    for c in range(chunks):  # two chains (s[0:4], s[4:8]), so they overlap
+                        a0, a1, a2, a3 = _ldsm(ring16, at + uint64(16 * c), posted)
+                        o = 4 * (c & 1)
+                        q0, q1 = qb[2 * c], qb[2 * c + 1]
+                        s[o], s[o + 1], s[o + 2], s[o + 3] = _mma(
+                            a0, a1, a2, a3, q0, q1, s[o], s[o + 1], s[o + 2], s[o + 3], posted
+                        )  # fmt: skip
+                    for i in range(4):
+                        s[i] += s[4 + i]
+                    for i in range(4):
+                        token = t0 + tile * TILE + g + 8 * (i >> 1)
+                        head = 2 * t + (i & 1)
+                        if token < end and head < group:
+                            x = s[i] * scale
+                            logits[uint64((token - start) * group + head)] = x
+                            top[i & 1] = max(top[i & 1], x)
+                here = advance(here)
+            stat = cuda.local.array(group, float32)  # per head: the maximum, later the sum
             for h in range(group):
-                x = _round_f16(math.exp(logits[i * group + h] - m[h]))  # as the product sees it
-                logits[i * group + h] = x
-                stat[h] += x
-        _block_reduce(red, stat, group, False)
+                stat[h] = top[0] if h == 2 * t else (top[1] if h == 2 * t + 1 else NEG_INF)
+            warp_reduce(red, stat, True)  # (V's first blocks are landing meanwhile)
+            m = cuda.local.array(group, float32)
+            for h in range(group):
+                m[h] = stat[h]
+                stat[h] = float32(0.0)
+            for i in range(lane, end - start, WARP):
+                for h in range(group):
+                    x = _round_f16(math.exp(logits[i * group + h] - m[h]))  # as the product sees it
+                    logits[i * group + h] = x
+                    stat[h] += x
+            warp_reduce(red, stat, False)
 
-        # 2. weighted sum of V: lane (g, t) adds up dimensions 16 c + g and 16 c + g + 8 of
-        # heads 2t and 2t + 1
-        acc = cuda.local.array(acc_size, float32)
-        for i in range(acc_size):
-            acc[i] = float32(0.0)
-        for b in range(blocks):  # the ring goes on where the logits left it
-            write_at = turn(
-                ring,
-                write_at,
-                key_words,
-                value_words,
-                ids,
-                blocks,
-                blocks + b + stages - 1,
-                row_words,
-                to_ring,
-                to_cache,
-            )
-            t0 = (first_block + b) << shift
-            here32 = here + here
-            here16 = here32 + here32
-            if end - t0 < block_size:  # the sequence's last block: zero the rows past its end
-                past = here32 + uint64((end - t0) * row32)
-                for i in range(lane, (block_size - (end - t0)) * row32, WARP):
-                    ring32[past + uint64(i)] = 0
-                cuda.syncthreads()
-            for tile in range(tiles):
-                # B: probabilities of head g for tokens 2t, 2t + 1 and 2t + 8, 2t + 9
-                p = cuda.local.array(4, float32)
+            # 2. weighted sum of V: lane (g, t) adds up dimensions 16 c + g and 16 c + g + 8 of
+            # heads 2t and 2t + 1
+            acc = cuda.local.array(acc_size, float32)
+            for i in range(acc_size):
+                acc[i] = float32(0.0)
+            for b in range(blocks):  # the ring goes on where the logits left it
+                write_at = turn(
+                    ring,
+                    write_at,
+                    key_words,
+                    value_words,
+                    ids,
+                    blocks,
+                    blocks + b + stages - 1,
+                    row_words,
+                    to_ring,
+                    to_cache,
+                )
+                t0 = (first_block + b) << shift
+                here32 = here + here
+                here16 = here32 + here32
+                if end - t0 < block_size:  # the sequence's last block: zero rows past its end
+                    past = here32 + uint64((end - t0) * row32)
+                    for i in range(lane, (block_size - (end - t0)) * row32, WARP):
+                        ring32[past + uint64(i)] = 0
+                    ring_sync()
+                for tile in range(tiles):
+                    # B: probabilities of head g for tokens 2t, 2t + 1 and 2t + 8, 2t + 9
+                    p = cuda.local.array(4, float32)
+                    for i in range(4):
+                        token = t0 + tile * TILE + 2 * t + (i & 1) + 8 * (i >> 1)
+                        ok = lit and token < end
+                        p[i] = logits[uint64((token - start) * group + g)] if ok else float32(0.0)
+                    b0 = _pack_f16(p[0], p[1])
+                    b1 = _pack_f16(p[2], p[3])
+                    at = here16 + uint64(tile * TILE * row16) + v_lane
+                    for c in range(chunks):
+                        a0, a1, a2, a3 = _ldsm_t(ring16, at + uint64(16 * c), posted)
+                        acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3] = _mma(
+                            a0,
+                            a1,
+                            a2,
+                            a3,
+                            b0,
+                            b1,
+                            acc[4 * c],
+                            acc[4 * c + 1],
+                            acc[4 * c + 2],
+                            acc[4 * c + 3],
+                            posted,
+                        )
+                here = advance(here)
+            inv = cuda.local.array(2, float32)  # 1 / sum of heads 2t and 2t + 1
+            for h in range(group):
+                if h == 2 * t:
+                    inv[0] = float32(1.0) / stat[h]
+                if h == 2 * t + 1:
+                    inv[1] = float32(1.0) / stat[h]
+            # the run's result: for one warp, the partition's, in global memory; for several,
+            # in the warp's slot (its ring, spent) for combine_warps
+            run = smem[base : base + slot]
+            for c in range(chunks):
                 for i in range(4):
-                    token = t0 + tile * TILE + 2 * t + (i & 1) + 8 * (i >> 1)
-                    ok = mine and token < end
-                    p[i] = logits[uint64((token - start) * group + g)] if ok else float32(0.0)
-                b0 = _pack_f16(p[0], p[1])
-                b1 = _pack_f16(p[2], p[3])
-                at = here16 + uint64(tile * TILE * row16) + v_lane
-                for c in range(chunks):
-                    a0, a1, a2, a3 = _ldsm_t(ring16, at + uint64(16 * c), posted)
-                    acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3] = _mma(
-                        a0,
-                        a1,
-                        a2,
-                        a3,
-                        b0,
-                        b1,
-                        acc[4 * c],
-                        acc[4 * c + 1],
-                        acc[4 * c + 2],
-                        acc[4 * c + 3],
-                        posted,
-                    )
-            here = advance(here)
-        inv = cuda.local.array(2, float32)  # 1 / sum of heads 2t and 2t + 1
-        for h in range(group):
-            if h == 2 * t:
-                inv[0] = float32(1.0) / stat[h]
-            if h == 2 * t + 1:
-                inv[1] = float32(1.0) / stat[h]
-        for c in range(chunks):
-            for i in range(4):
-                head = 2 * t + (i & 1)
-                if head < group:
-                    dim = 16 * c + g + 8 * (i >> 1)
-                    partial_out[seq, kv_head * group + head, part, dim] = (
-                        acc[4 * c + i] * inv[i & 1]
-                    )
-        for h in range(group):  # (constant indices keep m and stat in registers)
-            if lane == h:
-                max_logits[seq, kv_head * group + h, part] = m[h]
-                exp_sums[seq, kv_head * group + h, part] = stat[h]
-        if merges:  # the logits are spent: their memory is the merge's scratch
+                    head = 2 * t + (i & 1)
+                    if head < group:
+                        dim = 16 * c + g + 8 * (i >> 1)
+                        x = acc[4 * c + i] * inv[i & 1]
+                        if warps == 1:
+                            partial_out[seq, kv_head * group + head, part, dim] = x
+                        else:
+                            run[head * head_dim + dim] = x
+            for h in range(group):  # (constant indices keep m and stat in registers)
+                if lane == h:
+                    if warps == 1:
+                        max_logits[seq, kv_head * group + h, part] = m[h]
+                        exp_sums[seq, kv_head * group + h, part] = stat[h]
+                    else:
+                        run[outputs + h] = m[h]
+                        run[outputs + group + h] = stat[h]
+        elif warps > 1:  # a run past the sequence's end weighs nothing
+            run = smem[base : base + slot]
+            for i in range(lane, slot, WARP):
+                run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
+        if warps > 1:
+            cuda.syncthreads()
+            combine_warps(partial_out, max_logits, exp_sums, smem, stride, seq, kv_head, part)
+        if merges:  # the rings and logits are spent: the first warp's are the merge's scratch
             parts = (seq_len + partition_size - 1) // partition_size
+            flag = cuda.shared.array(0, int32)[ring_floats + group * (sub + WARP) :]
             merge_if_last(
-                out, partial_out, max_logits, exp_sums, counters, logits, ids, seq, kv_head, parts
+                out, partial_out, max_logits, exp_sums, counters, smem, flag, seq, kv_head, parts
             )
 
     return paged_attention_v5_kernel
@@ -865,6 +994,10 @@ def merge_partitions(
 # --- host side -----------------------------------------------------------------------------------
 
 
+MAX_WARPS = 16  # warps a thread block (512 threads: at most 128 registers each)
+OPT_IN_SHARED_BYTES = 227 * 1024  # the most an H100's or H200's block may ask for
+
+
 def supports(
     dtype: Any,
     num_heads: int,
@@ -873,11 +1006,15 @@ def supports(
     block_size: int,
     partition_size: int = v3.PARTITION_SIZE,
     stages: int = STAGES,
+    warps: int = 1,
 ) -> str | None:
     """None when version 5 can run this shape, else the reason it cannot: float16 (the tensor
     cores' input here), at most 8 query heads per kv head (the product's 8 columns), head_dim a
-    multiple of 16 and blocks of whole 16-token tiles (its other two sides), partitions of whole
-    blocks, at least 2 stages, shared memory within the 48 KB a launch gets by default."""
+    multiple of 16 and blocks of whole 16-token tiles (its other two sides), partitions of
+    whole blocks for each of 1 to ``MAX_WARPS`` warps, at least 2 stages; shared memory within
+    the 48 KB a launch gets by default for a one-warp block (more would only leave fewer of
+    them on an SM), within ``OPT_IN_SHARED_BYTES`` for a block of several warps, which asks
+    the driver for it (``allow_shared``)."""
     if np.dtype(dtype) != np.float16:
         return f"dtype {np.dtype(dtype)}: version 5 multiplies float16 on tensor cores"
     if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
@@ -889,16 +1026,23 @@ def supports(
         return f"head_dim = {head_dim} is not a multiple of 16 up to {v2.MAX_HEAD_DIM}"
     if block_size % TILE or block_size & (block_size - 1):
         return f"block_size = {block_size} is not a power of two holding whole {TILE}-token tiles"
-    if partition_size % block_size:
+    if not 1 <= warps <= MAX_WARPS:
+        return f"warps = {warps}: a thread block of version 5 has 1 to {MAX_WARPS} warps"
+    if partition_size % (warps * block_size):
         return (
             f"partition_size = {partition_size} is not a multiple of block_size = {block_size} "
             "(version 5 walks partitions block by block)"
+            if warps == 1
+            else f"partition_size = {partition_size} is not a multiple of {warps} x block_size = "
+            f"{warps * block_size} (each of {warps} warps walks whole blocks)"
         )
     if stages < 2:
         return f"stages = {stages}: the ring needs at least 2 buffers"
-    need = shared_bytes(num_heads // num_kv_heads, head_dim, block_size, partition_size, stages)
-    if need > v2.SHARED_BYTES:
-        return f"{need} bytes of shared memory per thread block, more than {v2.SHARED_BYTES}"
+    group = num_heads // num_kv_heads
+    need = shared_bytes(group, head_dim, block_size, partition_size, stages, warps)
+    limit = v2.SHARED_BYTES if warps == 1 else OPT_IN_SHARED_BYTES
+    if need > limit:
+        return f"{need} bytes of shared memory per thread block, more than {limit}"
     return None
 
 
@@ -975,7 +1119,30 @@ def choose_launch(
     return default
 
 
-def launch_partitions(a: v2.AttentionArgs, partition_size: int, stages: int, merges: bool) -> None:
+_allowed: set[tuple[Any, ...]] = set()
+
+
+def allow_shared(kernel: Any, args: tuple[Any, ...], nbytes: int) -> None:
+    """Let ``kernel`` (compiled for ``args``' types) take ``nbytes`` of dynamic shared memory:
+    more than 48 KB needs the driver's permission, once per compiled kernel. Nothing to ask in
+    the simulator."""
+    if config.ENABLE_CUDASIM or nbytes <= v2.SHARED_BYTES:
+        return
+    from numba import typeof
+    from numba.cuda.cudadrv import driver
+
+    sig = tuple(typeof(x) for x in args)
+    if (kernel, sig, nbytes) in _allowed:
+        return
+    cufunc = kernel.compile(sig)._codelibrary.get_cufunc()
+    attr = driver.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
+    _allowed.add((kernel, sig, nbytes))
+
+
+def launch_partitions(
+    a: v2.AttentionArgs, partition_size: int, stages: int, merges: bool, warps: int = 1
+) -> None:
     """Launch version 5's partition kernel alone on inputs ``launch_v5`` has checked: the
     partial results in ``a``'s workspace, and with ``merges`` the output too. (Apart from
     ``launch_v5``, for timing the partition kernel without its merge.)"""
@@ -984,9 +1151,9 @@ def launch_partitions(a: v2.AttentionArgs, partition_size: int, stages: int, mer
     parts = -(-a.max_seq_len // partition_size)
     group = num_heads // kv_heads
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
-    shared = shared_bytes(group, head_dim, block_size, partition_size, stages)
-    kernel = make_kernel(group, head_dim, block_size, stages, merges)
-    kernel[(kv_heads, num_seqs, parts), WARP, 0, shared](
+    shared = shared_bytes(group, head_dim, block_size, partition_size, stages, warps)
+    kernel = make_kernel(group, head_dim, block_size, stages, merges, warps)
+    args = (
         a.out,
         a.counters(kv_heads),
         partial_out,
@@ -1000,6 +1167,8 @@ def launch_partitions(a: v2.AttentionArgs, partition_size: int, stages: int, mer
         a.scale,
         partition_size,
     )
+    allow_shared(kernel, args, shared)
+    kernel[(kv_heads, num_seqs, parts), warps * WARP, 0, shared](*args)
 
 
 def launch_v5(
@@ -1007,38 +1176,42 @@ def launch_v5(
     partition_size: int = v3.PARTITION_SIZE,
     stages: int = STAGES,
     merge_threads: int | None = None,
+    warps: int = 1,
 ) -> None:
-    """Launch version 5 on checked inputs: its partition kernel, then ``merge_partitions``
-    (``merge_threads`` None: version 2's reduction); with ``merge_threads = IN_KERNEL`` the
-    partition kernel merges too, and there is no second launch. That needs ``2 * group``
-    floats a partition in the logits' shared memory: at most ``partition_size // 2``
-    partitions."""
+    """Launch version 5 on checked inputs: its partition kernel with ``warps`` warps a block,
+    then ``merge_partitions`` (``merge_threads`` None: version 2's reduction); with
+    ``merge_threads = IN_KERNEL`` the partition kernel merges too, and there is no second
+    launch. That needs ``2 * group`` floats a partition in the block's spent shared memory
+    (``merge_scratch_floats``)."""
     _, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     stages = v.check_int("stages", stages, 1, 16)
+    warps = v.check_int("warps", warps, 1, MAX_WARPS)
     if merge_threads is not None:
         merge_threads = v.check_int("merge_threads", merge_threads, IN_KERNEL, 1024)
         if merge_threads & (merge_threads - 1):
             raise InvalidRequest(f"merge_threads must be a power of two, got {merge_threads}")
-    in_kernel = merge_threads == IN_KERNEL
-    parts = -(-a.max_seq_len // partition_size)
-    if in_kernel and 2 * parts > partition_size:
-        raise InvalidRequest(
-            f"{parts} partitions of {partition_size} tokens: merging in the kernel keeps 2 "
-            f"floats a partition in the logits' shared memory, so at most "
-            f"{partition_size // 2} partitions"
-        )
     reason = supports(
-        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, stages
+        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, stages, warps
     )
     if reason:
         raise InvalidRequest(reason)
+    in_kernel = merge_threads == IN_KERNEL
+    parts = -(-a.max_seq_len // partition_size)
+    group = num_heads // kv_heads
+    room = merge_scratch_floats(group, head_dim, block_size, partition_size, stages, warps)
+    if in_kernel and 2 * group * parts > room:
+        raise InvalidRequest(
+            f"{parts} partitions of {partition_size} tokens: merging in the kernel keeps 2 "
+            f"floats a partition and head in {room} floats of spent shared memory, so at most "
+            f"{room // (2 * group)} partitions"
+        )
     for name, cache in (("key_cache", a.key_cache), ("value_cache", a.value_cache)):
         address = v4._address(cache)
         if address % 16:
             raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
-    launch_partitions(a, partition_size, stages, in_kernel)
+    launch_partitions(a, partition_size, stages, in_kernel, warps)
     if not in_kernel:
         merge_partitions(a, partition_size, merge_threads)
 
@@ -1054,11 +1227,12 @@ def paged_attention_v5(
     out: Any = None,
     stages: int = STAGES,
     merge_threads: int | None = None,
+    warps: int = 1,
 ) -> Any:
     """Version 5 (version 4's ring, products on tensor cores). Arguments as for
     ``paged_attention``, and ``launch_v5``'s; ``InvalidRequest`` for a shape ``supports``
     refuses."""
     v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     a = v2.prepare_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, out)
-    launch_v5(a, partition_size, stages, merge_threads)
+    launch_v5(a, partition_size, stages, merge_threads, warps)
     return a.result()
