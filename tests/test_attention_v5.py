@@ -147,6 +147,37 @@ def test_v5_with_several_warps_a_block_matches_reference(case: tuple) -> None:
     check_v5(case)
 
 
+@pytest.mark.parametrize("warps", [1, 2])
+def test_merging_in_the_kernel_a_sequence_of_one_partition_writes_its_output_alone(
+    warps: int,
+) -> None:
+    """A sequence that fits in one partition has nothing to merge: its block writes the output
+    itself and leaves its partial results and its counter alone (NaN and 0 here), while a
+    longer sequence of the same batch still merges its partitions in the kernel."""
+    rng = np.random.default_rng(11)
+    partition, lens = 32 * warps, [20, 3 * 32 * warps - 5]
+    tables, num_blocks = random_tables(rng, lens, 16)
+    shape = (num_blocks, 16, 1, 16)
+    args = (
+        rng.standard_normal((2, 2, 16)).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        tables,
+        np.array(lens, np.int32),
+        0.25,
+    )
+    nan_out = cuda.to_device(np.full((2, 2, 16), np.nan, np.float16))
+    a = attention.prepare_attention(*args, out=nan_out)
+    for buffer in a.workspace(partition):
+        buffer.copy_to_device(np.full(buffer.shape, np.nan, np.float32))
+    attention_v5.launch_v5(a, partition, 2, attention_v5.IN_KERNEL, warps)
+    close(a.out.copy_to_host(), expected(args), np.float16)
+    partial_out, max_logits, exp_sums = (x.copy_to_host() for x in a.workspace(partition))
+    assert np.isnan(partial_out[0]).all() and np.isnan(max_logits[0]).all()
+    assert np.isfinite(partial_out[1]).all() and np.isfinite(exp_sums[1]).all()
+    assert (a.counters(1).copy_to_host() == 0).all()
+
+
 def test_merging_in_the_kernel_refuses_more_partitions_than_its_scratch_holds() -> None:
     """2 floats a partition and head in the first warp's spent ring, logits and red: for 2
     heads, 16-dimension rows, 16-token partitions and 2 buffers that is 480 floats, 120

@@ -444,11 +444,14 @@ def make_kernel(
         return advance(at)
 
     @cuda.jit(device=True, **INLINE)
-    def combine_warps(partial_out, max_logits, exp_sums, runs, stride, seq, kv_head, part):
+    def combine_warps(
+        out, partial_out, max_logits, exp_sums, runs, stride, seq, kv_head, part, alone
+    ):
         """After a barrier: the block's ``warps`` runs, warp ``w``'s at ``runs[w * stride:]``
         as ``[output (head-major) | maxima | exp sums]``, into the partition's partial result,
         as a merge of partitions does it: with ``M`` the largest maximum, run ``w`` weighs
-        ``l_w exp(m_w - M)``. A warp whose run lies past the sequence's end left weight 0."""
+        ``l_w exp(m_w - M)``. A warp whose run lies past the sequence's end left weight 0.
+        With ``alone`` (the sequence's only partition) the result is the output itself."""
         for o in range(cuda.threadIdx.x, outputs, threads):
             h = o // head_dim
             top = NEG_INF
@@ -462,6 +465,9 @@ def make_kernel(
                 total += weight
                 acc += weight * runs[at + o]
             d = o - h * head_dim
+            if alone:
+                out[seq, kv_head * group + h, d] = acc / total
+                continue
             partial_out[seq, kv_head * group + h, part, d] = acc / total
             if d == 0:
                 max_logits[seq, kv_head * group + h, part] = top
@@ -554,8 +560,9 @@ def make_kernel(
         """Grid ``(num_kv_heads, num_seqs, num_partitions)``, ``warps`` warps a block; writes
         what version 2's partition kernel writes, for the ``group`` query heads of kv head
         ``blockIdx.x``, and with ``merges`` the output too (``counters``: int32
-        ``[num_seqs, num_kv_heads]``, zero before and after the launch); without, ``out`` and
-        ``counters`` are not touched."""
+        ``[num_seqs, num_kv_heads]``, zero before and after the launch; a sequence of one
+        partition gets its output and no partial result); without, ``out`` and ``counters``
+        are not touched."""
         kv_head = cuda.blockIdx.x
         seq = cuda.blockIdx.y
         part = cuda.blockIdx.z
@@ -564,6 +571,11 @@ def make_kernel(
         seq_len = seq_lens[seq]
         if part * partition_size >= seq_len:
             return
+        parts = (seq_len + partition_size - 1) // partition_size
+        # merging in the kernel, a sequence of one partition needs no merge: its block writes
+        # the output itself, and neither counts nor waits (at 64 x 4096 on one 4,096-token
+        # partition of 8 warps the handshake alone cost 15 us of 299)
+        alone = merges and parts == 1
         sub = partition_size // warps  # tokens of one warp's run
         start = part * partition_size + warp * sub
         end = min(start + sub, seq_len)
@@ -744,8 +756,9 @@ def make_kernel(
                     inv[0] = float32(1.0) / stat[h]
                 if h == 2 * t + 1:
                     inv[1] = float32(1.0) / stat[h]
-            # the run's result: for one warp, the partition's, in global memory; for several,
-            # in the warp's slot (its ring, spent) for combine_warps
+            # the run's result: for one warp, the partition's, in global memory (the output
+            # itself if it is the sequence's only partition); for several, in the warp's slot
+            # (its ring, spent) for combine_warps
             run = smem[base : base + slot]
             for c in range(chunks):
                 for i in range(4):
@@ -753,27 +766,30 @@ def make_kernel(
                     if head < group:
                         dim = 16 * c + g + 8 * (i >> 1)
                         x = acc[4 * c + i] * inv[i & 1]
-                        if warps == 1:
-                            partial_out[seq, kv_head * group + head, part, dim] = x
-                        else:
+                        if warps > 1:
                             run[head * head_dim + dim] = x
+                        elif alone:
+                            out[seq, kv_head * group + head, dim] = x
+                        else:
+                            partial_out[seq, kv_head * group + head, part, dim] = x
             for h in range(group):  # (constant indices keep m and stat in registers)
                 if lane == h:
-                    if warps == 1:
-                        max_logits[seq, kv_head * group + h, part] = m[h]
-                        exp_sums[seq, kv_head * group + h, part] = stat[h]
-                    else:
+                    if warps > 1:
                         run[outputs + h] = m[h]
                         run[outputs + group + h] = stat[h]
+                    elif not alone:
+                        max_logits[seq, kv_head * group + h, part] = m[h]
+                        exp_sums[seq, kv_head * group + h, part] = stat[h]
         elif warps > 1:  # a run past the sequence's end weighs nothing
             run = smem[base : base + slot]
             for i in range(lane, slot, WARP):
                 run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
         if warps > 1:
             cuda.syncthreads()
-            combine_warps(partial_out, max_logits, exp_sums, smem, stride, seq, kv_head, part)
-        if merges:  # the rings and logits are spent: the first warp's are the merge's scratch
-            parts = (seq_len + partition_size - 1) // partition_size
+            combine_warps(
+                out, partial_out, max_logits, exp_sums, smem, stride, seq, kv_head, part, alone
+            )
+        if merges and not alone:  # the rings and logits are spent: the first warp's are scratch
             flag = cuda.shared.array(0, int32)[ring_floats + group * (sub + WARP) :]
             merge_if_last(
                 out, partial_out, max_logits, exp_sums, counters, smem, flag, seq, kv_head, parts
