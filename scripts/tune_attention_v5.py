@@ -1,13 +1,19 @@
 """Time paged attention version 5 under several ring depths, partition sizes and reductions.
 
-    python3 scripts/tune_attention_v5.py
+    python3 scripts/tune_attention_v5.py          # one-warp blocks, on six batches
+    python3 scripts/tune_attention_v5.py warps    # blocks of several warps, on the bench's batches
 
 For each variant and each decode batch: the median milliseconds (CUDA events, as in
 ``minipaged bench``) and the achieved share of the device-to-device copy bandwidth; version 4 on
-its defaults comes first, for comparison. Every variant's output is compared with version 2's
-first: one that disagrees is reported, not timed. Then the registers and local memory of the
-compiled kernels. This is how the defaults in ``minipaged/kernels/attention_v5.py`` and the
-partition size ``paged_attention`` picks were chosen.
+its defaults and version 5 as ``paged_attention`` runs it (``choose_launch``) come first, for
+comparison. Every variant's output is compared with version 2's first: one that disagrees is
+reported, not timed. Then the registers and local memory of the compiled kernels. This is how
+the defaults in ``minipaged/kernels/attention_v5.py`` and the launches ``choose_launch`` picks
+were chosen.
+
+``warps`` runs blocks of 4, 8 and 16 warps, each warp walking 128 to 1,024 tokens, merged in
+the kernel, on all twelve batches of ``minipaged bench attention`` (about 5 minutes on an H200,
+most of it compiling).
 """
 
 from __future__ import annotations
@@ -46,15 +52,30 @@ VARIANTS = [
     ("128, 4 stages, merge 256", 128, 4, 256),
     ("256, 4 stages, merge 512", 256, 4, 512),
 ]
+# (warps, tokens a warp, stages) of blocks of several warps, all merged in the kernel
+WARP_VARIANTS = [(w, sub, n) for w in (4, 8) for sub in (128, 256, 512) for n in (3, 4)] + [
+    (8, 256, 2), (8, 512, 2), (8, 1024, 2), (16, 128, 2), (16, 256, 2),
+]  # fmt: skip
+
+
+def chosen(a: attention.AttentionArgs) -> None:
+    """Version 5 as ``paged_attention`` launches it."""
+    num_seqs, num_heads, head_dim = a.shape
+    _, block_size, kv_heads, _ = a.key_cache.shape
+    group = num_heads // kv_heads
+    how = attention_v5.choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size, group, head_dim)
+    attention_v5.launch_v5(a, *how)
 
 
 def main() -> None:
     timing = gpu.Timing()
     copy_gbs = gpu.copy_bandwidth(timing)
-    print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
-    names = [f"{s.seqs}x{s.context} {s.heads}/{s.kv_heads}" for s in SHAPES]
+    print(f"{gpu.device_name()}: copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    several = "warps" in sys.argv[1:]
+    shapes = gpu.attention_shapes() if several else SHAPES
+    names = [f"{s.seqs}x{s.context} {s.heads}/{s.kv_heads}" for s in shapes]
     print(f"{'variant':>26} " + " ".join(f"{n:>20}" for n in names), flush=True)
-    inputs = [gpu.attention_inputs(s, seed=i) for i, s in enumerate(SHAPES)]
+    inputs = [gpu.attention_inputs(s, seed=i) for i, s in enumerate(shapes)]
     expected = []
     for a in inputs:
         attention.launch_v2(a)
@@ -62,7 +83,7 @@ def main() -> None:
 
     def row(name, launch) -> None:  # noqa: ANN001
         cells = []
-        for shape, a, want in zip(SHAPES, inputs, expected, strict=True):
+        for shape, a, want in zip(shapes, inputs, expected, strict=True):
             try:
                 launch(a)
             except Exception as e:  # a variant this shape does not allow
@@ -78,17 +99,26 @@ def main() -> None:
         print(f"{name:>26} " + " ".join(cells), flush=True)
 
     row("v4 (512)", lambda a: attention_v4.launch_v4(a, 512))
-    for name, part, stages, merge in VARIANTS:
-        row(name, lambda a, p=part, s=stages, m=merge: attention_v5.launch_v5(a, p, s, m))
-    for group in (1, 4):
-        for stages in (2, 3, 4, 6):
-            kernel = attention_v5.make_kernel(group, 128, 16, stages)
-            try:
-                regs = kernel.get_regs_per_thread()
-                local = kernel.get_local_mem_per_thread()
-                print(f"v5 group {group}, {stages} stages: {regs} registers, {local} B local")
-            except Exception as e:  # not compiled for this group and depth, or no such query
-                print(f"v5 group {group}, {stages} stages: {type(e).__name__}: {e}")
+    row("v5 as chosen", chosen)
+    if several:
+        inside = attention_v5.IN_KERNEL
+        for w, sub, n in WARP_VARIANTS:
+            launch = lambda a, w=w, sub=sub, n=n: attention_v5.launch_v5(a, w * sub, n, inside, w)  # noqa: E731
+            row(f"{w} warps x {sub}, {n} stages", launch)
+        kernels = [(g, n, True, w) for g in (1, 4) for w, _, n in WARP_VARIANTS]
+    else:
+        for name, part, stages, merge in VARIANTS:
+            row(name, lambda a, p=part, s=stages, m=merge: attention_v5.launch_v5(a, p, s, m))
+        kernels = [(g, n, False, 1) for g in (1, 4) for n in (2, 3, 4, 6)]
+    for group, stages, merges, warps in dict.fromkeys(kernels):
+        kernel = attention_v5.make_kernel(group, 128, 16, stages, merges, warps)
+        what = f"v5 group {group}, {warps} warps, {stages} stages"
+        try:
+            regs = kernel.get_regs_per_thread()
+            local = kernel.get_local_mem_per_thread()
+            print(f"{what}: {regs} registers, {local} B local")
+        except Exception as e:  # not compiled for this group and depth, or no such query
+            print(f"{what}: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
