@@ -101,9 +101,11 @@ def main() -> None:
     row("v4 (512)", lambda a: attention_v4.launch_v4(a, 512))
     row("v5 as chosen", chosen)
     if several:
-        inside = attention_v5.IN_KERNEL
         for w, sub, n in WARP_VARIANTS:
-            launch = lambda a, w=w, sub=sub, n=n: attention_v5.launch_v5(a, w * sub, n, inside, w)  # noqa: E731
+
+            def launch(a: attention.AttentionArgs, w: int = w, sub: int = sub, n: int = n) -> None:
+                attention_v5.launch_v5(a, w * sub, n, attention_v5.IN_KERNEL, w)
+
             row(f"{w} warps x {sub}, {n} stages", launch)
         kernels = [(g, n, True, w) for g in (1, 4) for w, _, n in WARP_VARIANTS]
     else:
