@@ -96,7 +96,7 @@ def main() -> None:
     values = attention_v3._flat_words(a.value_cache)
     group = shape.heads // shape.kv_heads
     chosen = attention_v5.choose_launch(1, shape.kv_heads, shape.context, 16, group, 128)
-    part, stages, threads = chosen
+    part, stages, threads, warps = chosen
     print(f"32/8 1 x 32k, {nbytes / 1e6:.0f} MB; choose_launch: {chosen}")
 
     if "read" in which:
@@ -118,10 +118,11 @@ def main() -> None:
         print("\n## 2. version 5, its partition kernel, its merge")
         full = lambda a: attention_v5.launch_v5(a, *chosen)  # noqa: E731
         print(f"version 5 as chosen: {c.time(full, timing, copy_gbs)}")
-        alone = lambda a=a: attention_v5.launch_partitions(a, part, stages, False)  # noqa: E731
+        alone = lambda a=a: attention_v5.launch_partitions(a, part, stages, False, warps)  # noqa: E731
         print(f"partition kernel alone: {timed(alone, nbytes, timing, copy_gbs)}")
-        merge = lambda a=a: attention_v5.merge_partitions(a, part, threads)  # noqa: E731
-        print(f"merge alone: {timed(merge, nbytes, timing, copy_gbs)}", flush=True)
+        kernel_threads = threads or attention_v5.MERGE_THREADS  # (merged in the kernel: its kernel)
+        merge = lambda a=a: attention_v5.merge_partitions(a, part, kernel_threads)  # noqa: E731
+        print(f"merge kernel alone: {timed(merge, nbytes, timing, copy_gbs)}", flush=True)
 
     if "ring" in which:
         print("\n## 3. the ring alone (no arithmetic)")
@@ -145,7 +146,7 @@ def main() -> None:
             try:
                 m = c if s == shape else Checked(s, 4)
                 g = s.heads // s.kv_heads
-                p, n, _ = attention_v5.choose_launch(s.seqs, s.kv_heads, s.context, 16, g, 128)
+                p, n, _, w = attention_v5.choose_launch(s.seqs, s.kv_heads, s.context, 16, g, 128)
                 name = f"{s.heads}/{s.kv_heads} {s.seqs} x {s.context}, {p} tokens"
                 for (t, splits), kind in itertools.product(MERGE_VARIANTS, ("kernel", "direct")):
                     if t is None and kind == "direct":
@@ -159,8 +160,8 @@ def main() -> None:
                     else:
                         label = f"direct, uncapped loads, {t} threads, {splits} splits"
                         merge = lambda a, p=p, t=t, k=splits: direct_merge(a, p, t, k)  # noqa: E731
-                    both = lambda a, p=p, n=n, merge=merge: (  # noqa: E731
-                        attention_v5.launch_partitions(a, p, n, False),
+                    both = lambda a, p=p, n=n, w=w, merge=merge: (  # noqa: E731
+                        attention_v5.launch_partitions(a, p, n, False, w),
                         merge(a),
                     )
                     check = m.time(both, timing, copy_gbs)

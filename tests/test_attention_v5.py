@@ -334,22 +334,34 @@ def test_dispatch_prefers_v5_for_grouped_query_attention(monkeypatch: pytest.Mon
     assert attention.fast_version(np.float16, 32, 32, 128, 16, small_grid=True) == "v5"
 
 
-def test_choose_launch_shortens_partitions_only_for_grids_under_a_wave_and_a_half() -> None:
-    choose = attention_v5.choose_launch
+def test_choose_launch_takes_blocks_of_several_warps_and_one_partition_up_to_4096() -> None:
+    """The bench's batches as measured (docs/benchmarks.md): 8 warps of 512 tokens, so up to
+    4,096 tokens a sequence is one partition; 4 warps up to 2,048 tokens, with 3 buffers where
+    that fits 3 blocks on an SM instead of 2; runs halved to 256 tokens when the grid would
+    leave more than half the SMs idle; everything merged in the kernel."""
+    choose, inside = attention_v5.choose_launch, attention_v5.IN_KERNEL
     assert not attention_v5.small_grid(64, 8, 4096)  # 4,096 blocks of 512 tokens
     assert attention_v5.small_grid(8, 32, 2048)  # 1,024
-    stages, inside = attention_v5.STAGES, attention_v5.IN_KERNEL
-    assert choose(64, 8, 4096, 16, 4, 128) == (512, stages, inside)  # 8 partitions: merged inside
-    assert choose(256, 8, 1024, 16, 4, 128) == (512, stages, inside)
-    assert choose(32, 8, 8192, 16, 4, 128) == (512, stages, None)  # 16: version 2's reduction
-    merge = attention_v5.SMALL_GRID_MERGE
-    assert choose(1, 8, 32768, 16, 4, 128) == (256, 4, merge)  # 512 blocks: half a wave
-    assert choose(8, 8, 16384, 16, 4, 128) == (512, 4, merge)  # 2,048 blocks, 8 an SM: 1.9
-    assert choose(1, 32, 32768, 16, 1, 128) == (256, 4, merge)  # 2,048 blocks, 11 an SM: 1.4
-    # 512 tokens of 8 heads of 256 dimensions need more than 48 KB with 4 buffers: 256 then
-    assert choose(8, 8, 16384, 16, 8, 256) == (256, 4, merge)
-    assert choose(1, 8, 32768, 512, 4, 128) == (512, stages, None)  # whole blocks
-    assert attention_v5.waves(1320, 21 * 1024) == 1.0  # 10 blocks an SM, 132 SMs
+    assert choose(64, 8, 4096, 16, 4, 128) == (4096, 4, inside, 8)
+    assert choose(32, 8, 8192, 16, 4, 128) == (4096, 4, inside, 8)  # 2 partitions
+    assert choose(128, 8, 2048, 16, 4, 128) == (2048, 4, inside, 4)
+    assert choose(256, 8, 1024, 16, 4, 128) == (1024, 3, inside, 4)  # 3 blocks an SM, not 2
+    assert choose(1, 8, 32768, 16, 4, 128) == (2048, 4, inside, 8)  # 128 blocks, not 64
+    assert choose(1, 32, 32768, 16, 1, 128) == (4096, 4, inside, 8)  # 256 blocks already
+    # short contexts: no more warps than runs of 256 tokens, one partition
+    assert choose(4, 8, 300, 16, 4, 128) == (320, 3, inside, 2)
+    assert choose(1, 1, 29, 16, 4, 16) == (32, 4, inside, 1)
+    # 8 warps of 8 heads of 256 dimensions need more shared memory than a block may have: 4
+    assert choose(8, 8, 16384, 16, 8, 256) == (2048, 4, inside, 4)
+    # more partitions than merging in the kernel has room for (2 floats a partition and head,
+    # 5,120 here: 320 partitions of 4,096 tokens): the merge kernel
+    assert attention_v5.merge_scratch_floats(8, 16, 16, 4096, 4, 8) == 5120
+    assert choose(1, 1, 320 * 4096, 16, 8, 16) == (4096, 4, inside, 8)
+    assert choose(1, 1, 320 * 4096 + 1, 16, 8, 16) == (4096, 4, attention_v5.MERGE_THREADS, 8)
+    # blocks of 512 tokens: not even one warp's ring fits, so the defaults, which launch_v5 refuses
+    assert choose(1, 8, 32768, 512, 4, 128) == (512, attention_v5.STAGES, None, 1)
+    assert attention_v5.blocks_per_sm(21 * 1024) == 10  # shared memory: 10 one-warp blocks
+    assert attention_v5.blocks_per_sm(1024, warps=16) == 4  # threads: 4 blocks of 512
 
 
 def test_merge_splits_only_small_grids() -> None:

@@ -226,7 +226,7 @@ def bench_attention(
             attention_v5.launch_v5(a, *how)
             row["v5_vs_v2"] = max_difference(a.out, v2_out)
             row["v5_ms"] = time_ms(lambda a=a, how=how: attention_v5.launch_v5(a, *how), timing)
-            row["v5_partition"] = how[0]
+            row["v5_partition"], row["v5_warps"] = how[0], how[3]
         small = attention_v5.small_grid(shape.seqs, shape.kv_heads, shape.context)
         row["picked"] = attention.fast_version(*args, small_grid=small)
         del a, v2_out

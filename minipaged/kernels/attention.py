@@ -622,7 +622,7 @@ def paged_attention(
 
     Runs ``fast_version``'s pick where there is one, else v1 or v2 by ``choose_version``
     (``threads`` then applies to them). ``partition_size`` None lets the version choose:
-    version 5 takes shorter partitions for batches too small to fill the GPU
+    version 5 takes its partitions, blocks of several warps and merge by the batch
     (``attention_v5.choose_launch``), the others ``PARTITION_SIZE``. All inputs are checked
     before anything runs: ``InvalidRequest`` for shapes, dtypes and scalars,
     ``InvalidBlockTable`` for block ids outside the cache and lengths the block table does not

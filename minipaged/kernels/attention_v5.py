@@ -490,7 +490,8 @@ def make_kernel(
         walking the partitions one dependent load after another. Here one block in ``parts``
         does it, without a launch, loading ``unroll`` partitions' partial outputs (just
         written, so likely still in L2) before adding any. One warp for a whole group is slow
-        for many partitions, though: ``choose_launch`` says when it pays.
+        for many partitions, though; a block of several warps merges with all its threads,
+        and has several times fewer partitions to merge (``choose_launch``).
 
         The handshake is the classic one: every block's writes are made visible to the whole
         GPU (``threadfence``) before it counts itself, so the block that sees ``parts - 1`` as
@@ -1063,14 +1064,15 @@ def supports(
 
 
 SMALL_GRID = 4096  # thread blocks (at 512-token partitions) below which a batch is "small"
-SMALL_GRID_PARTITION = 256
-SMALL_GRID_STAGES = 4
-SMALL_GRID_MERGE = 32 if config.ENABLE_CUDASIM else 256
 SM_SHARED_BYTES = 228 * 1024  # shared memory of one SM of an H100 or H200
+SM_THREADS = 2048  # threads one SM holds
 BLOCK_RESERVED_BYTES = 1024  # what the hardware keeps of it for every resident block
-MIN_WAVES = 1.5  # a small batch keeps 512-token partitions if its grid is at least this long
 IN_KERNEL = 0  # merge_threads for "no merge launch: the partition kernel merges its groups"
-IN_KERNEL_PARTS = 8  # a large batch merges in the partition kernel up to this many partitions
+MERGE_THREADS = 32 if config.ENABLE_CUDASIM else 256  # where the kernel cannot merge its groups
+LAUNCH_WARPS = 8  # warps a block as choose_launch launches it; half as many for contexts
+SHORT_CONTEXT = 2048  # up to this many tokens
+RUN_TOKENS = 512  # tokens one warp walks, at most
+MIN_RUN_TOKENS = 256  # and at least, however few blocks the grid has
 
 
 def default_blocks(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
@@ -1089,50 +1091,70 @@ def multiprocessors() -> int:
     return 132 if config.ENABLE_CUDASIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
-def waves(blocks: int, shared: int) -> float:
-    """How many rounds of the whole GPU a grid of ``blocks`` one-warp blocks, each taking
-    ``shared`` bytes of shared memory, needs: shared memory is what limits blocks per SM."""
-    per_sm = max(1, min(32, SM_SHARED_BYTES // (shared + BLOCK_RESERVED_BYTES)))
-    return blocks / (per_sm * multiprocessors())
+def blocks_per_sm(shared: int, warps: int = 1) -> int:
+    """Thread blocks of ``warps`` warps, each taking ``shared`` bytes of shared memory, that
+    one SM holds at once: shared memory or threads, whichever runs out first."""
+    by_shared = SM_SHARED_BYTES // (shared + BLOCK_RESERVED_BYTES)
+    return max(1, min(32, SM_THREADS // (warps * WARP), by_shared))
 
 
 def choose_launch(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int, group: int, head_dim: int
-) -> tuple[int, int, int | None]:
-    """``(partition_size, stages, merge_threads)`` for a batch with ``group`` query heads per
-    kv head: the defaults (512 tokens, ``STAGES`` buffers, merged in the partition kernel up to
-    ``IN_KERNEL_PARTS`` partitions, else by version 2's reduction), or for a batch whose grid
-    at 512-token partitions has fewer than ``SMALL_GRID`` thread blocks, a ring of 4 buffers,
-    ``merge_partitions_kernel``, and 512-token partitions if that grid is still ``MIN_WAVES``
-    waves long, else 256 (twice the blocks).
+) -> tuple[int, int, int | None, int]:
+    """``(partition_size, stages, merge_threads, warps)``, as ``launch_v5`` takes them, for a
+    batch with ``group`` query heads per kv head.
 
-    Why: a thread block is one warp, and an SM holds about 10 of them; a grid of a few waves
-    leaves SMs idle in its last one, and one under a wave cannot fill them at all. Measured on
-    an H200 (docs/benchmarks.md): with 32 query heads over 8 kv heads, 1 x 32k (0.5 waves at
-    512 tokens) went from 48% of the copy bandwidth to 60% with 256-token partitions and the
-    merge kernel, and 8 x 16k (1.9 waves) from 76% to 81% with 512-token ones and the merge
-    kernel; 64 x 4096 (4,096 blocks) is faster on the defaults. Merging in the kernel saved 7
-    to 21 us (2 to 7%) from 64 x 4096 (8 partitions) to 256 x 1024 (2), where version 2's
-    reduction took 18 to 29 us, but lost 5 us at 32 x 8192 (16 partitions), and far more with
-    the dozens of partitions of small batches: one warp merges a whole group. The first choice
-    that version 5 cannot run (too much shared memory) falls back to the next, down to the
-    defaults."""
-    parts = -(-max_seq_len // v3.PARTITION_SIZE)
-    default = (v3.PARTITION_SIZE, STAGES, IN_KERNEL if parts <= IN_KERNEL_PARTS else None)
-    if not small_grid(num_seqs, num_kv_heads, max_seq_len):
-        return default
-    stages = SMALL_GRID_STAGES
-    blocks = default_blocks(num_seqs, num_kv_heads, max_seq_len)
-    shared = shared_bytes(group, head_dim, block_size, v3.PARTITION_SIZE, stages)
-    long = waves(blocks, shared - 4 * POSTED)  # (as on a GPU, without the simulator's part)
-    first = v3.PARTITION_SIZE if long >= MIN_WAVES else SMALL_GRID_PARTITION
+    Blocks of ``LAUNCH_WARPS`` warps (half as many for contexts up to ``SHORT_CONTEXT``, and
+    fewer still where the context holds fewer runs of ``MIN_RUN_TOKENS``), each warp walking up
+    to ``RUN_TOKENS`` tokens: a sequence of up to 4,096 tokens is then one
+    partition, with nothing to merge, and a longer one is cut into 4,096-token partitions that
+    the kernel merges itself (``IN_KERNEL``). A grid of fewer blocks than half the GPU's SMs
+    gets shorter runs, halved down to ``MIN_RUN_TOKENS``, so that it reaches more SMs. The
+    ring has 4 buffers, or 3 where that lets more blocks share an SM.
+
+    Why, measured on an H200 on the twelve batches of ``minipaged bench attention``
+    (``scripts/tune_attention_v5.py warps``, docs/benchmarks.md, 2026-12-05): with 32 query
+    heads over 8 kv heads this was the fastest of 16 launches of 1 to 16 warps on every batch,
+    and 1.00x to 1.11x as fast as the one-warp launches before it: 1 x 32k 65% of the copy
+    bandwidth (8 warps of 256 tokens; 512-token runs leave 64 blocks, 59%), 8 x 16k and 32 x
+    8k 83.5 and 87%, and 64 x 4096 to 256 x 1k 89 to 90%, one partition a sequence (the
+    one-warp blocks: 81 to 85%); 256 x 1k took 3 buffers (3 blocks an SM instead of 2: 89.7%
+    against 87.8%). With one query head per kv head (the small batches ``paged_attention``
+    gives version 5) it matched them.
+
+    Where shared memory is short (larger heads or blocks), fewer buffers (2 at the least), then
+    fewer warps; where the partitions are too many to merge in the kernel, the merge kernel.
+    Where even one warp cannot run, the defaults of ``launch_v5``, which then says why."""
     heads = group * num_kv_heads
-    for partition in (first, SMALL_GRID_PARTITION):
-        partition = max(partition, block_size)
-        if supports(np.float16, heads, num_kv_heads, head_dim, block_size, partition, stages):
-            continue
-        return partition, stages, SMALL_GRID_MERGE
-    return default
+    run_blocks = -(-RUN_TOKENS // block_size)  # a warp walks whole blocks
+    warps = LAUNCH_WARPS if max_seq_len > SHORT_CONTEXT else LAUNCH_WARPS // 2
+    runs = -(-max_seq_len // MIN_RUN_TOKENS)  # no warp with nothing to walk in a short context
+    warps = min(warps, 1 << (runs - 1).bit_length())
+    while warps >= 1:
+        sub = block_size * min(run_blocks, -(-max_seq_len // (warps * block_size)))
+        while (
+            num_seqs * num_kv_heads * -(-max_seq_len // (warps * sub)) * 2 < multiprocessors()
+            and sub // 2 >= MIN_RUN_TOKENS
+            and sub // 2 % block_size == 0
+        ):
+            sub //= 2
+        partition = warps * sub
+        shape = (np.float16, heads, num_kv_heads, head_dim, block_size, partition)
+        fits = [n for n in (4, 3) if supports(*shape, n, warps) is None]
+        fits = fits or [n for n in (2,) if supports(*shape, n, warps) is None]
+        if fits:
+
+            def per_sm(n: int, partition: int = partition, warps: int = warps) -> int:
+                nbytes = shared_bytes(group, head_dim, block_size, partition, n, warps)
+                return blocks_per_sm(nbytes - 4 * warps * POSTED, warps)  # (as on a GPU)
+
+            stages = max(fits, key=lambda n: (per_sm(n), n))
+            parts = -(-max_seq_len // partition)
+            room = merge_scratch_floats(group, head_dim, block_size, partition, stages, warps)
+            merge = IN_KERNEL if 2 * group * parts <= room else MERGE_THREADS
+            return partition, stages, merge, warps
+        warps //= 2
+    return v3.PARTITION_SIZE, STAGES, None, 1
 
 
 _allowed: set[tuple[Any, ...]] = set()
