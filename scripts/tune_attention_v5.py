@@ -120,8 +120,9 @@ def main() -> None:
         kernel = attention_v5.make_kernel(group, 128, 16, stages, merges, warps)
         what = f"v5 group {group}, {warps} warps, {stages} stages"
         try:
-            regs = kernel.get_regs_per_thread()
-            local = kernel.get_local_mem_per_thread()
+            regs, local = kernel.get_regs_per_thread(), kernel.get_local_mem_per_thread()
+            if isinstance(regs, dict):  # one entry a compiled signature: the distinct values
+                regs, local = sorted(set(regs.values())), sorted(set(local.values()))
             print(f"{what}: {regs} registers, {local} B local")
         except Exception as e:  # not compiled for this group and depth, or no such query
             print(f"{what}: {type(e).__name__}: {e}")
