@@ -1106,11 +1106,11 @@ def choose_launch(
 
     Blocks of ``LAUNCH_WARPS`` warps (half as many for contexts up to ``SHORT_CONTEXT``, and
     fewer still where the context holds fewer runs of ``MIN_RUN_TOKENS``), each warp walking up
-    to ``RUN_TOKENS`` tokens: a sequence of up to 4,096 tokens is then one
-    partition, with nothing to merge, and a longer one is cut into 4,096-token partitions that
-    the kernel merges itself (``IN_KERNEL``). A grid of fewer blocks than half the GPU's SMs
-    gets shorter runs, halved down to ``MIN_RUN_TOKENS``, so that it reaches more SMs. The
-    ring has 4 buffers, or 3 where that lets more blocks share an SM.
+    to ``RUN_TOKENS`` tokens: a sequence of up to 4,096 tokens is then one partition, with
+    nothing to merge, and a longer one is cut into 4,096-token partitions that the kernel
+    merges itself (``IN_KERNEL``). A grid of fewer blocks than half the GPU's SMs gets shorter
+    runs, halved down to ``MIN_RUN_TOKENS``, so that it reaches more SMs. The ring has 4
+    buffers, or 3 where that lets more blocks share an SM.
 
     Why, measured on an H200 on the twelve batches of ``minipaged bench attention``
     (``scripts/tune_attention_v5.py warps``, docs/benchmarks.md, 2026-12-05): with 32 query
