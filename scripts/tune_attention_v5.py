@@ -62,15 +62,6 @@ WARP_VARIANTS = [
 ]  # fmt: skip
 
 
-def chosen(a: attention.AttentionArgs) -> None:
-    """Version 5 as ``paged_attention`` launches it."""
-    num_seqs, num_heads, head_dim = a.shape
-    _, block_size, kv_heads, _ = a.key_cache.shape
-    group = num_heads // kv_heads
-    how = attention_v5.choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size, group, head_dim)
-    attention_v5.launch_v5(a, *how)
-
-
 def main() -> None:
     timing = gpu.Timing()
     copy_gbs = gpu.copy_bandwidth(timing)
@@ -103,7 +94,7 @@ def main() -> None:
         print(f"{name:>26} " + " ".join(cells), flush=True)
 
     row("v4 (512)", lambda a: attention_v4.launch_v4(a, 512))
-    row("v5 as chosen", chosen)
+    row("v5 as chosen", attention_v5.launch_chosen)
     if several:
         for w, sub, n in WARP_VARIANTS:
 

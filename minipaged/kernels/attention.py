@@ -643,12 +643,7 @@ def paged_attention(
     )
     if version == "v5":
         if partition_size is None:
-            attention_v5.launch_v5(
-                a,
-                *attention_v5.choose_launch(
-                    num_seqs, kv_heads, a.max_seq_len, block_size, num_heads // kv_heads, head_dim
-                ),
-            )
+            attention_v5.launch_chosen(a)
         else:
             attention_v5.launch_v5(a, partition_size)
         return a.result()

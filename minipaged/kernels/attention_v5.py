@@ -1254,6 +1254,15 @@ def launch_v5(
         merge_partitions(a, partition_size, merge_threads)
 
 
+def launch_chosen(a: v2.AttentionArgs) -> None:
+    """Launch version 5 on checked inputs as ``paged_attention`` does when given no partition
+    size: with ``choose_launch``'s pick for ``a``'s batch."""
+    num_seqs, num_heads, head_dim = a.shape
+    _, block_size, kv_heads, _ = a.key_cache.shape
+    group = num_heads // kv_heads
+    launch_v5(a, *choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size, group, head_dim))
+
+
 def paged_attention_v5(
     query: Any,
     key_cache: Any,
