@@ -224,6 +224,8 @@ def test_relocate_rejects_bad_calls_and_changes_nothing(make):
         (InvalidRequest, a, 7),  # past the end
         (InvalidRequest, a, -1),
         (InvalidRequest, a, "4"),
+        (InvalidRequest, a, False),  # equal to its offset 0, yet not an int
+        (InvalidRequest, b, 2.0),
         (DoubleFree, freed, 4),
         (InvalidHandle, make().alloc(1), 4),
         (InvalidHandle, "a", 4),

@@ -126,6 +126,7 @@ def test_bad_calls_name_the_value_and_change_nothing():
         (InvalidRequest, m.relocate, (v, 16)),  # outside
         (InvalidRequest, m.relocate, (v, 0)),  # u is there
         (InvalidRequest, m.relocate, (v, None)),
+        (InvalidRequest, m.relocate, (v, 4.0)),  # equal to its offset 4, yet not an int
         (DoubleFree, m.relocate, (gone, 8)),
     ]:
         with pytest.raises(exc):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left, insort
+from collections.abc import Callable
 
 from minipaged.alloc.base import Allocation, Allocator, check_request, merge_runs
 from minipaged.errors import DoubleFree, InvalidHandle, InvalidRequest, OutOfMemory
@@ -53,6 +54,47 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if value < minimum:
         raise InvalidRequest(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def relocation_home(
+    offset: object, old: int, order: int, total: int, free_blocks: list[tuple[int, int]]
+) -> tuple[int, int] | None:
+    """The free block ``(o, k)`` that holds the aligned order-``order`` block at ``offset``, for
+    moving an allocation there from ``old``; None if ``offset`` is ``old`` (nothing to move).
+    The target must be an int, aligned to its size, inside the arena of ``total`` pages and
+    wholly free; since the free lists are fully coalesced, it then lies inside one free block
+    of order >= ``order``. ``InvalidRequest`` otherwise."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise InvalidRequest(f"offset must be an int, got {offset!r}")
+    if offset == old:
+        return None
+    size = 1 << order
+    if offset < 0 or offset + size > total or offset % size:
+        raise InvalidRequest(
+            f"offset {offset} is not an aligned order-{order} block inside the arena of "
+            f"{total} pages"
+        )
+    home = next(((o, k) for o, k in free_blocks if k >= order and o <= offset < o + (1 << k)), None)
+    if home is None:
+        raise InvalidRequest(f"pages {offset}..{offset + size - 1} are not all free")
+    return home
+
+
+def split_towards(
+    home: tuple[int, int], offset: int, order: int, put: Callable[[int, int], None]
+) -> None:
+    """Split the free block ``home``, already off its list, down to the order-``order`` block at
+    ``offset``: each time, the half not holding the target goes back, one order down, through
+    ``put(o, k)``; as an allocation splits a block, but steered to the target."""
+    o, k = home
+    while k > order:
+        k -= 1
+        half = 1 << k
+        if offset >= o + half:  # the target is in the upper half: the lower one goes back
+            put(o, k)
+            o += half
+        else:
+            put(o + half, k)
 
 
 class BuddyAllocator(Allocator):
@@ -165,32 +207,11 @@ class BuddyAllocator(Allocator):
                 raise DoubleFree(f"allocation {a.id} at page {a.offset} was already freed")
             raise InvalidHandle(f"allocation {a!r} did not come from this allocator")
         old, order = self._live[a]
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise InvalidRequest(f"offset must be an int, got {offset!r}")
-        if offset == old:
-            return
-        size = 1 << order
-        if offset < 0 or offset + size > self.total or offset % size:
-            raise InvalidRequest(
-                f"offset {offset} is not an aligned order-{order} block inside the arena of "
-                f"{self.total} pages"
-            )
-        home = next(
-            ((o, k) for o, k in self.free_blocks() if k >= order and o <= offset < o + (1 << k)),
-            None,
-        )
+        home = relocation_home(offset, old, order, self.total, self.free_blocks())
         if home is None:
-            raise InvalidRequest(f"pages {offset}..{offset + size - 1} are not all free")
-        o, k = home
-        self._remove(o, k)
-        while k > order:
-            k -= 1
-            half = 1 << k
-            if offset >= o + half:  # the target is in the upper half: free the lower one
-                insort(self._free[k], o)
-                o += half
-            else:
-                insort(self._free[k], o + half)
+            return
+        self._remove(*home)
+        split_towards(home, offset, order, lambda o, k: insort(self._free[k], o))
         self._live[a] = (offset, order)
         a.offset = offset
         self._merge_free(old, order)

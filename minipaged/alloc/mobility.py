@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minipaged.alloc.base import Allocation, Allocator, check_request, merge_runs
+from minipaged.alloc.buddy import relocation_home, split_towards
 from minipaged.errors import DoubleFree, InvalidHandle, InvalidRequest, OutOfMemory
 
 MOVABLE, UNMOVABLE = "movable", "unmovable"
@@ -212,32 +213,11 @@ class MobilityAllocator(Allocator):
         old, order, mt = self._check_live(a)
         if mt == UNMOVABLE:
             raise InvalidRequest(f"allocation {a.id} at page {old} is unmovable")
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise InvalidRequest(f"offset must be an int, got {offset!r}")
-        if offset == old:
-            return
-        size = 1 << order
-        if offset < 0 or offset + size > self.total or offset % size:
-            raise InvalidRequest(
-                f"offset {offset} is not an aligned order-{order} block inside the arena of "
-                f"{self.total} pages"
-            )
-        home = next(
-            ((o, k) for o, k in self.free_blocks() if k >= order and o <= offset < o + (1 << k)),
-            None,
-        )
+        home = relocation_home(offset, old, order, self.total, self.free_blocks())
         if home is None:
-            raise InvalidRequest(f"pages {offset}..{offset + size - 1} are not all free")
-        o, k = home
-        self._remove(o, k)
-        while k > order:
-            k -= 1
-            half = 1 << k
-            if offset >= o + half:
-                self._put(o, k)
-                o += half
-            else:
-                self._put(o + half, k)
+            return
+        self._remove(*home)
+        split_towards(home, offset, order, self._put)
         if order >= self.pageblock_order:
             first = offset >> self.pageblock_order
             for pb in range(first, first + (1 << (order - self.pageblock_order))):
