@@ -1,5 +1,6 @@
 """Where the time of a batch too small to fill the GPU goes: 1 x 32k, 32 query heads over 8
-kv heads, the one batch of ``minipaged bench attention`` below 70% of the copy bandwidth.
+kv heads, the batch of ``minipaged bench attention`` furthest below the copy bandwidth (73% on
+an H100, 65% on an H200).
 
     python3 scripts/probe_small.py [read] [split] [ring] [merge] [stages]
 
