@@ -27,8 +27,9 @@ Kernels (host wrappers validate everything before launching; see ``validate.py``
 - ``copy_blocks``: block copies within the cache, all pairs and layers in one launch;
 - ``swap_blocks``: block copies between device and (pinned) host caches;
 - ``paged_attention`` (dispatching to ``paged_attention_v1``, ``paged_attention_v2``,
-  ``paged_attention_v3``, ``paged_attention_v4`` or ``paged_attention_v5``) and
-  ``paged_attention_naive``: decode attention over the paged cache.
+  ``paged_attention_v3``, ``paged_attention_v4`` or ``paged_attention_v5``), ``paged_attention_v6``
+  (the cache loaded straight into the tensor cores' registers) and ``paged_attention_naive``:
+  decode attention over the paged cache.
 """
 
 from minipaged.kernels.attention import (
@@ -41,6 +42,7 @@ from minipaged.kernels.attention import (
 from minipaged.kernels.attention_v3 import paged_attention_v3
 from minipaged.kernels.attention_v4 import paged_attention_v4
 from minipaged.kernels.attention_v5 import paged_attention_v5
+from minipaged.kernels.attention_v6 import paged_attention_v6
 from minipaged.kernels.cache_ops import copy_blocks, reshape_and_cache, swap_blocks
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "paged_attention_v3",
     "paged_attention_v4",
     "paged_attention_v5",
+    "paged_attention_v6",
     "reshape_and_cache",
     "swap_blocks",
 ]

@@ -129,7 +129,8 @@ if config.ENABLE_CUDASIM:
     _warp_barriers: dict[tuple[int, ...], threading.Barrier] = {}
     _warp_barriers_lock = threading.Lock()
 
-    def _syncwarp():  # noqa: ANN202
+    @cuda.jit(device=True)
+    def _syncwarp():
         """Simulator ``__syncwarp``: the 32 threads of this thread's warp meet, and no others.
         The simulator has only ``syncthreads``, which meets every live thread of the block: a
         block of several warps, each with its own ring, would pair one warp's barriers with
@@ -330,6 +331,46 @@ def merge_scratch_floats(
 
 
 @functools.cache
+def make_combine_warps(group: int, head_dim: int, warps: int) -> Any:
+    """The device function that combines the runs of a block's ``warps`` warps, each over
+    ``group`` query heads of ``head_dim`` values (versions 5 and 6 share it)."""
+    threads = warps * WARP
+    outputs = group * head_dim
+
+    @cuda.jit(device=True, **INLINE)
+    def combine_warps(
+        out, partial_out, max_logits, exp_sums, runs, stride, seq, kv_head, part, alone
+    ):
+        """After a barrier: the block's ``warps`` runs, warp ``w``'s at ``runs[w * stride:]``
+        as ``[output (head-major) | maxima | exp sums]``, into the partition's partial result,
+        as a merge of partitions does it: with ``M`` the largest maximum, run ``w`` weighs
+        ``l_w exp(m_w - M)``. A warp whose run lies past the sequence's end left weight 0.
+        With ``alone`` (the sequence's only partition) the result is the output itself."""
+        for o in range(cuda.threadIdx.x, outputs, threads):
+            h = o // head_dim
+            top = NEG_INF
+            for w in range(warps):
+                top = max(top, runs[w * stride + outputs + h])
+            total = float32(0.0)
+            acc = float32(0.0)
+            for w in range(warps):
+                at = w * stride
+                weight = runs[at + outputs + group + h] * math.exp(runs[at + outputs + h] - top)
+                total += weight
+                acc += weight * runs[at + o]
+            d = o - h * head_dim
+            if alone:
+                out[seq, kv_head * group + h, d] = acc / total
+                continue
+            partial_out[seq, kv_head * group + h, part, d] = acc / total
+            if d == 0:
+                max_logits[seq, kv_head * group + h, part] = top
+                exp_sums[seq, kv_head * group + h, part] = total
+
+    return combine_warps
+
+
+@functools.cache
 def make_kernel(
     group: int,
     head_dim: int,
@@ -443,35 +484,7 @@ def make_kernel(
         fetch_item(ring, at, key_words, value_words, ids, blocks, j, row_words, to_ring, to_cache)
         return advance(at)
 
-    @cuda.jit(device=True, **INLINE)
-    def combine_warps(
-        out, partial_out, max_logits, exp_sums, runs, stride, seq, kv_head, part, alone
-    ):
-        """After a barrier: the block's ``warps`` runs, warp ``w``'s at ``runs[w * stride:]``
-        as ``[output (head-major) | maxima | exp sums]``, into the partition's partial result,
-        as a merge of partitions does it: with ``M`` the largest maximum, run ``w`` weighs
-        ``l_w exp(m_w - M)``. A warp whose run lies past the sequence's end left weight 0.
-        With ``alone`` (the sequence's only partition) the result is the output itself."""
-        for o in range(cuda.threadIdx.x, outputs, threads):
-            h = o // head_dim
-            top = NEG_INF
-            for w in range(warps):
-                top = max(top, runs[w * stride + outputs + h])
-            total = float32(0.0)
-            acc = float32(0.0)
-            for w in range(warps):
-                at = w * stride
-                weight = runs[at + outputs + group + h] * math.exp(runs[at + outputs + h] - top)
-                total += weight
-                acc += weight * runs[at + o]
-            d = o - h * head_dim
-            if alone:
-                out[seq, kv_head * group + h, d] = acc / total
-                continue
-            partial_out[seq, kv_head * group + h, part, d] = acc / total
-            if d == 0:
-                max_logits[seq, kv_head * group + h, part] = top
-                exp_sums[seq, kv_head * group + h, part] = total
+    combine_warps = make_combine_warps(group, head_dim, warps)
 
     per_thread = -(-outputs // threads)  # outputs of a group one thread merges
     unroll = min(MERGE_LOADS, max(MERGE_UNROLL, 64 // per_thread))

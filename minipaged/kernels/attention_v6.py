@@ -1,0 +1,499 @@
+"""Paged decode attention, version 6: the cache goes straight from memory into the tensor cores'
+registers, with no shared memory in between.
+
+Version 5 lands each block of the cache in a ring of shared-memory buffers (``cp.async``) and
+reads it back with ``ldmatrix``. Measured on an H200 (docs/benchmarks.md, "How fast the cache
+can be read"), no ring that lands the cache where ``ldmatrix`` can read it without bank
+conflicts moved it faster than 0.93x the speed at which PyTorch's SDPA reads a contiguous
+cache, before any arithmetic; a plain read, each thread holding several 16-byte loads in
+flight, matched SDPA. So this version reads the cache the plain way: each lane loads 16 bytes
+at a time into its own registers, and the values are already where ``mma.sync`` wants them.
+
+That works because a product does not care in which order it sums. ``S = Q K^T`` sums over the
+head's dimensions: any permutation of them, applied to Q and K alike, gives the same logits. So
+instead of the dimensions ``mma``'s fragment maps name, lane ``(g, t)`` takes for token ``g``
+the 16-byte pieces ``t, t + 4, t + 8, ...`` of its K row, as they lie in memory, and gives each
+piece's four registers to two ``k`` steps of the product; its query registers are the same
+pieces of query head ``g``. The 4 lanes of a row group then read 64 contiguous bytes of a row:
+whole 32-byte sectors, one request.
+
+``O^T = V^T P^T`` sums over tokens, and its rows (V's dimensions) can be renamed too. In the
+A fragment of ``V^T`` a register holds two tokens' values of one dimension, but a load brings
+one token's 8 consecutive dimensions. Lane ``(g, t)`` loads pieces ``g, g + 8, ...`` of tokens
+``2t, 2t + 1, 2t + 8, 2t + 9`` (8 lanes read 128 contiguous bytes of a row), and each 32-bit
+word of those pieces, two dimensions of one token, is a row pair of one m tile: word ``j`` of
+tokens ``2t`` and ``2t + 1`` gives A's register 0 (their low halves, row ``g``) and register 1
+(their high halves, row ``g + 8``) of m tile ``j``. Two integer operations a register, no
+shared memory.
+
+The logits' C fragment (head ``g``, tokens ``2t, 2t + 1`` and ``2t + 8, 2t + 9``) is exactly
+the B fragment of ``P^T`` those tokens need, so the probabilities never leave their lanes
+either (FlashAttention 2 uses the same coincidence). The softmax is online (Milakov and
+Gimelshein, 2018): a running maximum per head, and the sums so far rescaled when it grows.
+A lane keeps its own share of a head's exp sum, since all 4 lanes of a row group rescale by the
+same factor; they are added up once, at the end.
+
+While a tile of 16 tokens is multiplied, the next tile's loads are already in flight (two sets
+of registers: ``cur`` and ``nxt``). A thread block is ``warps`` warps; each walks its own run
+of the partition and the runs are combined in shared memory at the end, as version 5 does;
+sequences of several partitions then go through version 5's merge kernel.
+
+Slots of the last block past the sequence's end may hold NaN: their K rows are not loaded
+(their logits are set to minus infinity) and their V rows are loaded as zeros, so that a zero
+probability never meets a NaN.
+
+In Numba's CUDA simulator ``_load16`` reads four words, and the exchanges between lanes that
+use warp shuffles on a GPU go through shared memory (``_lane_value``); the product is version
+5's ``_mma``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+from numba import config, cuda, float32, int32, uint32
+
+from minipaged.errors import InvalidRequest
+from minipaged.kernels import attention as v2
+from minipaged.kernels import attention_v3 as v3
+from minipaged.kernels import attention_v4 as v4
+from minipaged.kernels import attention_v5 as v5
+from minipaged.kernels import validate as v
+
+WARP = v5.WARP
+TILE = v5.TILE  # tokens a step: the N of the logits' product, the K of V's
+MAX_GROUP = v5.MAX_GROUP
+PIECE = 8  # float16 values of one 16-byte load
+MAX_WARPS = 16
+NEG_INF = v3.NEG_INF
+INLINE = v3.INLINE
+SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _lane_value
+POSTED = v5.POSTED  # the simulator's words a warp for _mma
+LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
+
+
+if config.ENABLE_CUDASIM:
+
+    def _load16(words, at):  # noqa: ANN001, ANN202
+        """Simulator: the 4 words ``words[at:at + 4]``."""
+        return (
+            uint32(words[at]),
+            uint32(words[at + 1]),
+            uint32(words[at + 2]),
+            uint32(words[at + 3]),
+        )
+
+    @cuda.jit(device=True)
+    def _lane_value(x, src, swap):
+        """Simulator ``shfl_sync``: ``x`` of lane ``src`` of this warp, for every lane (every
+        lane must call it); the lanes meet in ``swap``, the warp's ``SWAP`` floats."""
+        lane = cuda.threadIdx.x % WARP
+        mine = swap[(cuda.threadIdx.x - lane) :][:WARP]
+        mine[lane] = x
+        v5._syncwarp()
+        y = mine[src]
+        v5._syncwarp()
+        return y
+
+else:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    _I32 = ir.IntType(32)
+
+    @intrinsic
+    def _load16(typingctx, words, at):  # noqa: ANN001, ANN202
+        """``ld.global.nc.v4.u32``: the 16 bytes at ``words[at:at + 4]`` (``at`` a multiple of
+        4 words on a 16-byte aligned array) in one load, through the read-only path."""
+        sig = types.UniTuple(types.uint32, 4)(words, types.int64)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            addr = builder.ptrtoint(builder.gep(data, [args[1]]), ir.IntType(64))
+            fn = ir.FunctionType(ir.LiteralStructType([_I32] * 4), [ir.IntType(64)])
+            d = builder.asm(
+                fn, "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [addr], False
+            )
+            values = [builder.extract_value(d, i) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, values)
+
+        return sig, codegen
+
+    @cuda.jit(device=True, **INLINE)
+    def _lane_value(x, src, swap):
+        """``x`` of lane ``src`` of this warp (a warp shuffle; every lane must call it)."""
+        return cuda.shfl_sync(0xFFFFFFFF, x, src)
+
+
+@cuda.jit(device=True, **INLINE)
+def _lows(a, b):
+    """The low halves of ``a`` and ``b`` as one register, ``a``'s low: two tokens' values of
+    one dimension, from two words of two tokens' rows."""
+    return uint32((a & LO) | (b << uint32(16)))
+
+
+@cuda.jit(device=True, **INLINE)
+def _highs(a, b):
+    """The high halves of ``a`` and ``b`` as one register, ``a``'s low."""
+    return uint32((a >> uint32(16)) | (b & HI))
+
+
+def shared_bytes(group: int, head_dim: int, block_size: int, sub: int, warps: int) -> int:
+    """Dynamic shared memory of a block of ``warps`` warps walking ``sub`` tokens each: each
+    warp's block numbers, then (several warps) each warp's ``[output | maxima | sums]`` for
+    ``combine_warps``, then the simulator's meeting places."""
+    ids = warps * -(-(sub // block_size) // 4) * 4
+    runs = warps * (group * head_dim + 2 * group) if warps > 1 else 0
+    return 4 * (ids + runs + warps * (SWAP + POSTED))
+
+
+@functools.cache
+def make_kernel(group: int, head_dim: int, block_size: int, warps: int = 1) -> Any:
+    """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
+    values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
+    warps a block, each walking ``partition_size // warps`` tokens."""
+    threads = warps * WARP
+    pieces = head_dim // PIECE  # 16-byte pieces of a row
+    k_pieces = pieces // 4  # K pieces a lane loads of each of its 2 tokens: t, t + 4, ...
+    v_pieces = pieces // 8  # V pieces a lane loads of each of its 4 tokens: g, g + 8, ...
+    row = head_dim // 2  # words of a row
+    k_words = 2 * 4 * k_pieces  # a lane's words of a tile, of K and of V alike
+    v_words = 4 * 4 * v_pieces
+    tiles_m = head_dim // 16  # m tiles of V^T: a word of V per tile and token
+    q_words = 4 * k_pieces
+    acc_size = 4 * tiles_m
+    shift = block_size.bit_length() - 1
+    outputs = group * head_dim
+    slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
+    combine_warps = v5.make_combine_warps(group, head_dim, warps)
+
+    @cuda.jit(device=True, **INLINE)
+    def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
+        """Start the loads of the tile of 16 tokens from ``t0``: K pieces ``t + 4 i`` of tokens
+        ``g`` and ``g + 8``, V pieces ``g + 8 u`` of tokens ``2t, 2t + 1, 2t + 8, 2t + 9``;
+        the words of tokens past ``end`` are zeros (no load). ``start``: the run's first
+        token (on a block boundary); ``base``: words from one token's row to the next;
+        ``head``: the kv head's first word in a row."""
+        first = (ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))
+        for r in range(2):
+            tok = g + 8 * r
+            at = (first + tok) * base + head
+            for i in range(k_pieces):
+                o = 4 * (r * k_pieces + i)
+                if t0 + tok < end:
+                    w0, w1, w2, w3 = _load16(key_words, at + PIECE // 2 * (t + 4 * i))
+                else:
+                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
+                k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
+        for r in range(4):
+            tok = 2 * t + (r & 1) + 8 * (r >> 1)
+            at = (first + tok) * base + head
+            for u in range(v_pieces):
+                o = 4 * (r * v_pieces + u)
+                if t0 + tok < end:
+                    w0, w1, w2, w3 = _load16(value_words, at + PIECE // 2 * (g + 8 * u))
+                else:
+                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
+                v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
+
+    @cuda.jit(**({} if warps == 1 or config.ENABLE_CUDASIM else {"launch_bounds": threads}))
+    def paged_attention_v6_kernel(
+        out,
+        partial_out,
+        max_logits,
+        exp_sums,
+        query_words,
+        key_words,
+        value_words,
+        block_tables,
+        seq_lens,
+        scale,
+        partition_size,
+    ):
+        """Grid ``(num_kv_heads, num_seqs, num_partitions)``, ``warps`` warps a block; writes
+        what version 2's partition kernel writes for the ``group`` query heads of kv head
+        ``blockIdx.x``, or for a sequence of one partition its output."""
+        kv_head = cuda.blockIdx.x
+        seq = cuda.blockIdx.y
+        part = cuda.blockIdx.z
+        lane = cuda.threadIdx.x % WARP
+        warp = cuda.threadIdx.x // WARP
+        seq_len = seq_lens[seq]
+        if part * partition_size >= seq_len:
+            return
+        alone = cuda.gridDim.z == 1  # one partition a sequence: no merge, the output itself
+        sub = partition_size // warps
+        start = part * partition_size + warp * sub
+        end = min(start + sub, seq_len)
+        num_heads = partial_out.shape[1]
+        kv_heads = num_heads // group
+        base = kv_heads * row  # words from one token's row to the next
+        table = block_tables[seq]
+        g = lane >> 2
+        t = lane & 3
+
+        # [ids | runs (several warps) | swap | posted], each warp's share of each in turn
+        id_words = -(-(sub >> shift) // 4) * 4
+        runs_at = warps * id_words
+        swap_at = runs_at + (warps * slot if warps > 1 else 0)
+        smem = cuda.shared.array(0, float32)
+        ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
+        swap = smem[swap_at : swap_at + warps * SWAP]  # (the simulator's)
+        posted = cuda.shared.array(0, uint32)[swap_at + warps * SWAP :]  # (the simulator's)
+
+        if start < seq_len:
+            first_block = start >> shift
+            blocks = ((end - 1) >> shift) - first_block + 1
+            for i in range(lane, blocks, WARP):
+                ids[i] = table[first_block + i]
+            v5._syncwarp()
+            lit = g < group
+            # query head g's pieces t + 4 i, in the order the K words come
+            q = cuda.local.array(q_words, uint32)
+            q_at = ((seq * num_heads + kv_head * group + (g if lit else 0)) * head_dim) // 2
+            for i in range(k_pieces):
+                for w in range(4):
+                    q[4 * i + w] = query_words[q_at + 4 * (t + 4 * i) + w] if lit else uint32(0)
+            k_cur = cuda.local.array(k_words, uint32)
+            v_cur = cuda.local.array(v_words, uint32)
+            k_nxt = cuda.local.array(k_words, uint32)
+            v_nxt = cuda.local.array(v_words, uint32)
+            acc = cuda.local.array(acc_size, float32)
+            for i in range(acc_size):
+                acc[i] = float32(0.0)
+            s = cuda.local.array(8, float32)
+            p = cuda.local.array(4, float32)
+            top = NEG_INF  # running maximum of head g (the same in the row group's 4 lanes)
+            total = float32(0.0)  # this lane's share of head g's exp sum
+            head = kv_head * row
+            load_tile(
+                k_cur, v_cur, key_words, value_words, ids, start, start, end, base, head, g, t
+            )
+            for t0 in range(start, end, TILE):
+                if t0 + TILE < end:
+                    load_tile(
+                        k_nxt, v_nxt, key_words, value_words, ids, t0 + TILE, start, end,
+                        base, head, g, t,
+                    )  # fmt: skip
+                # logits of head g, tokens 2t, 2t + 1 (s[0:2]) and 2t + 8, 2t + 9 (s[4:6])
+                for i in range(8):
+                    s[i] = float32(0.0)
+                for i in range(k_pieces):
+                    for h in range(2):
+                        w = 4 * i + 2 * h
+                        a0, a2 = q[w], q[w + 1]
+                        for r in range(2):
+                            o = 4 * r
+                            b0, b1 = k_cur[o * k_pieces + w], k_cur[o * k_pieces + w + 1]
+                            s[o], s[o + 1], s[o + 2], s[o + 3] = v5._mma(
+                                a0, uint32(0), a2, uint32(0), b0, b1,
+                                s[o], s[o + 1], s[o + 2], s[o + 3], posted,
+                            )  # fmt: skip
+                step = NEG_INF
+                for i in range(4):
+                    tok = t0 + 2 * t + (i & 1) + 8 * (i >> 1)
+                    x = s[(i & 1) + 4 * (i >> 1)] * scale
+                    p[i] = x if tok < end else NEG_INF
+                    step = max(step, p[i])
+                step = max(step, _lane_value(step, lane ^ 1, swap))
+                step = max(step, _lane_value(step, lane ^ 2, swap))
+                new_top = max(top, step)
+                alpha = math.exp(top - new_top)
+                top = new_top
+                total *= alpha
+                for i in range(4):
+                    p[i] = v5._round_f16(math.exp(p[i] - top))  # as the product sees it
+                    total += p[i]
+                b0 = v5._pack_f16(p[0], p[1])
+                b1 = v5._pack_f16(p[2], p[3])
+                # rescale the sums of heads 2t and 2t + 1, then add this tile's
+                alpha0 = _lane_value(alpha, 8 * t, swap)
+                alpha1 = _lane_value(alpha, 8 * t + 4, swap)
+                for j in range(tiles_m):
+                    u, w = j >> 2, j & 3
+                    x0 = v_cur[4 * (0 * v_pieces + u) + w]
+                    x1 = v_cur[4 * (1 * v_pieces + u) + w]
+                    x2 = v_cur[4 * (2 * v_pieces + u) + w]
+                    x3 = v_cur[4 * (3 * v_pieces + u) + w]
+                    o = 4 * j
+                    acc[o], acc[o + 1], acc[o + 2], acc[o + 3] = v5._mma(
+                        _lows(x0, x1), _highs(x0, x1), _lows(x2, x3), _highs(x2, x3), b0, b1,
+                        acc[o] * alpha0, acc[o + 1] * alpha1, acc[o + 2] * alpha0,
+                        acc[o + 3] * alpha1, posted,
+                    )  # fmt: skip
+                for i in range(k_words):
+                    k_cur[i] = k_nxt[i]
+                for i in range(v_words):
+                    v_cur[i] = v_nxt[i]
+            total += _lane_value(total, lane ^ 1, swap)
+            total += _lane_value(total, lane ^ 2, swap)
+            # heads 2t and 2t + 1: their maxima and sums live in row groups 2t and 2t + 1
+            tops = (_lane_value(top, 8 * t, swap), _lane_value(top, 8 * t + 4, swap))
+            sums = (_lane_value(total, 8 * t, swap), _lane_value(total, 8 * t + 4, swap))
+            run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
+            for j in range(tiles_m):
+                u, w = j >> 2, j & 3
+                for i in range(4):
+                    head = 2 * t + (i & 1)
+                    if head < group:
+                        dim = PIECE * (g + 8 * u) + 2 * w + (i >> 1)
+                        x = acc[4 * j + i] / sums[i & 1]
+                        if warps > 1:
+                            run[head * head_dim + dim] = x
+                        elif alone:
+                            out[seq, kv_head * group + head, dim] = x
+                        else:
+                            partial_out[seq, kv_head * group + head, part, dim] = x
+            if g == 0:
+                for i in range(2):
+                    head = 2 * t + i
+                    if head < group:
+                        if warps > 1:
+                            run[outputs + head] = tops[i]
+                            run[outputs + group + head] = sums[i]
+                        elif not alone:
+                            max_logits[seq, kv_head * group + head, part] = tops[i]
+                            exp_sums[seq, kv_head * group + head, part] = sums[i]
+        elif warps > 1:  # a run past the sequence's end weighs nothing
+            run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
+            for i in range(lane, slot, WARP):
+                run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
+        if warps > 1:
+            cuda.syncthreads()
+            combine_warps(
+                out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq, kv_head,
+                part, alone,
+            )  # fmt: skip
+
+    return paged_attention_v6_kernel
+
+
+# --- host side -----------------------------------------------------------------------------------
+
+
+def supports(
+    dtype: Any,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    partition_size: int,
+    warps: int = 1,
+) -> str | None:
+    """None when version 6 can run this shape, else the reason it cannot: float16, at most 8
+    query heads per kv head, head_dim a multiple of 64 (each of a row group's 8 row groups
+    loads whole 16-byte pieces of V), blocks of whole 16-token tiles, partitions of whole
+    blocks for each of 1 to ``MAX_WARPS`` warps, shared memory within the 48 KB a launch gets
+    by default, or ``v5.OPT_IN_SHARED_BYTES`` for several warps."""
+    if np.dtype(dtype) != np.float16:
+        return f"dtype {np.dtype(dtype)}: version 6 multiplies float16 on tensor cores"
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
+        return (
+            f"{num_heads} query heads over {num_kv_heads} kv heads: version 6 serves groups of "
+            f"at most {MAX_GROUP} query heads per kv head"
+        )
+    if head_dim % 64 or head_dim > v2.MAX_HEAD_DIM:
+        return f"head_dim = {head_dim} is not a multiple of 64 up to {v2.MAX_HEAD_DIM}"
+    if block_size % TILE or block_size & (block_size - 1):
+        return f"block_size = {block_size} is not a power of two holding whole {TILE}-token tiles"
+    if not 1 <= warps <= MAX_WARPS:
+        return f"warps = {warps}: a thread block of version 6 has 1 to {MAX_WARPS} warps"
+    if partition_size % (warps * block_size):
+        return (
+            f"partition_size = {partition_size} is not a multiple of {warps} x block_size = "
+            f"{warps * block_size} (each of {warps} warps walks whole blocks)"
+        )
+    group = num_heads // num_kv_heads
+    need = shared_bytes(group, head_dim, block_size, partition_size // warps, warps)
+    limit = v2.SHARED_BYTES if warps == 1 else v5.OPT_IN_SHARED_BYTES
+    if need > limit:
+        return f"{need} bytes of shared memory per thread block, more than {limit}"
+    return None
+
+
+RUN_TOKENS = 1024  # tokens a warp walks, at most
+MIN_RUN_TOKENS = 256  # and at least, however few blocks the grid has
+LAUNCH_WARPS = 4  # warps a block
+
+
+def choose_launch(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int
+) -> tuple[int, int]:
+    """``(partition_size, warps)`` for a batch: blocks of up to ``LAUNCH_WARPS`` warps, each
+    walking up to ``RUN_TOKENS`` tokens, shorter runs (down to ``MIN_RUN_TOKENS``) while the
+    grid has fewer warps than the GPU has SMs times 8."""
+    sub = max(block_size, min(RUN_TOKENS, -(-max_seq_len // block_size) * block_size))
+    while num_seqs * num_kv_heads * -(
+        -max_seq_len // sub
+    ) < 8 * v5.multiprocessors() and sub // 2 >= max(MIN_RUN_TOKENS, block_size):
+        sub //= 2
+    warps = max(1, min(LAUNCH_WARPS, -(-max_seq_len // sub)))
+    return warps * sub, warps
+
+
+def launch_v6(a: v2.AttentionArgs, partition_size: int | None = None, warps: int = 1) -> None:
+    """Launch version 6 on checked inputs: the partition kernel, then (for sequences of several
+    partitions) version 5's merge kernel. ``partition_size`` None: ``choose_launch``'s pick
+    (and its warps)."""
+    num_seqs, num_heads, head_dim = a.shape
+    _, block_size, kv_heads, _ = a.key_cache.shape
+    if partition_size is None:
+        partition_size, warps = choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size)
+    partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
+    warps = v.check_int("warps", warps, 1, MAX_WARPS)
+    reason = supports(
+        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps
+    )
+    if reason:
+        raise InvalidRequest(reason)
+    for name, cache in (("key_cache", a.key_cache), ("value_cache", a.value_cache)):
+        address = v4._address(cache)
+        if address % 16:
+            raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
+    group = num_heads // kv_heads
+    parts = -(-a.max_seq_len // partition_size)
+    partial_out, max_logits, exp_sums = a.workspace(partition_size)
+    shared = shared_bytes(group, head_dim, block_size, partition_size // warps, warps)
+    kernel = make_kernel(group, head_dim, block_size, warps)
+    args = (
+        a.out,
+        partial_out,
+        max_logits,
+        exp_sums,
+        a.query.reshape(a.query.size).view(np.uint32),
+        a.key_cache.reshape(a.key_cache.size).view(np.uint32),
+        a.value_cache.reshape(a.value_cache.size).view(np.uint32),
+        a.block_tables,
+        a.seq_lens,
+        a.scale,
+        partition_size,
+    )
+    v5.allow_shared(kernel, args, shared)
+    kernel[(kv_heads, num_seqs, parts), warps * WARP, 0, shared](*args)
+    if parts > 1:
+        v5.merge_partitions(a, partition_size, v5.MERGE_THREADS)
+
+
+def paged_attention_v6(
+    query: Any,
+    key_cache: Any,
+    value_cache: Any,
+    block_tables: Any,
+    seq_lens: Any,
+    scale: float,
+    partition_size: int | None = None,
+    out: Any = None,
+    warps: int = 1,
+) -> Any:
+    """Version 6 (the cache loaded straight into the tensor cores' registers). Arguments as
+    for ``paged_attention``, and ``launch_v6``'s; ``InvalidRequest`` for a shape ``supports``
+    refuses."""
+    if partition_size is not None:
+        v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
+    a = v2.prepare_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, out)
+    launch_v6(a, partition_size, warps)
+    return a.result()

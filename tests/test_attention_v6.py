@@ -1,0 +1,125 @@
+"""Paged attention version 6 (the cache loaded straight into the tensor cores' registers)
+against the NumPy reference, in the CUDA simulator (MINIPAGED_GPU=1 runs the same tests on a
+GPU, with real 16-byte loads, warp shuffles and ``mma.sync``).
+
+The kernel renames dimensions so that each lane's loads are whole 16-byte pieces of a row;
+these tests check that the renaming is the same for Q and K, and that V's output lands in the
+dimensions it came from: shapes drawn by Hypothesis with several tiles, blocks and partitions,
+2 and 4 warps a block (runs past a short sequence's end), a partly filled last block whose
+unused slots hold NaN, and 1 to 8 query heads per kv head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import cuda
+from test_attention_v4 import close, expected, quick_thread_switches, random_tables  # noqa: F401
+
+from minipaged.errors import InvalidRequest
+from minipaged.kernels import attention, attention_v6
+from minipaged.kernels.attention_v6 import paged_attention_v6, supports
+
+
+@st.composite
+def cases(draw):  # noqa: ANN001, ANN201
+    """(args, partition_size, warps) for one launch version 6 supports; every sequence's last
+    block holds NaN past its end."""
+    head_dim = draw(st.sampled_from([64, 128]))
+    group = draw(st.sampled_from([1, 3, 4, 8]))
+    kv_heads = draw(st.integers(1, 2))
+    block_size = draw(st.sampled_from([16, 32]))
+    warps = draw(st.sampled_from([1, 2, 4]))
+    partition = block_size * warps * draw(st.integers(1, 2))
+    lens = draw(st.lists(st.integers(1, 80), min_size=1, max_size=2))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    tables, num_blocks = random_tables(rng, lens, block_size)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = rng.standard_normal(shape).astype(np.float16)
+    value_cache = rng.standard_normal(shape).astype(np.float16)
+    for s, n in enumerate(lens):
+        last = tables[s, (n - 1) // block_size]
+        key_cache[last, (n - 1) % block_size + 1 :] = np.nan
+        value_cache[last, (n - 1) % block_size + 1 :] = np.nan
+    args = (
+        rng.standard_normal((len(lens), group * kv_heads, head_dim)).astype(np.float16),
+        key_cache,
+        value_cache,
+        tables,
+        np.array(lens, np.int32),
+        draw(st.sampled_from([head_dim**-0.5, 2.0])),
+    )
+    return args, partition, warps
+
+
+@settings(max_examples=12, deadline=None)
+@given(cases())
+def test_v6_matches_reference(case: tuple) -> None:
+    args, partition, warps = case
+    out = paged_attention_v6(
+        *args, partition_size=partition, warps=warps, out=np.full_like(args[0], np.nan)
+    )
+    close(out, expected(args), np.float16)
+
+
+def test_v6_on_its_own_launch_choice() -> None:
+    """No partition size: ``choose_launch`` picks partitions and warps."""
+    rng = np.random.default_rng(4)
+    lens = [300, 45]
+    tables, num_blocks = random_tables(rng, lens, 16)
+    shape = (num_blocks, 16, 1, 64)
+    args = (
+        rng.standard_normal((2, 4, 64)).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        tables,
+        np.array(lens, np.int32),
+        0.125,
+    )
+    close(paged_attention_v6(*args), expected(args), np.float16)
+
+
+def test_choose_launch_keeps_runs_whole_and_grids_full() -> None:
+    """Every pick is a shape ``supports`` takes; a big batch gets one partition a sequence of
+    up to 4 warps of 1,024 tokens, a small one runs shorter (so more warps) down to 256."""
+    for seqs, context in ((1, 32768), (8, 16384), (64, 4096), (256, 1024), (3, 17), (1, 1)):
+        for kv_heads in (8, 32):
+            partition, warps = attention_v6.choose_launch(seqs, kv_heads, context, 16)
+            assert supports(np.float16, 32, kv_heads, 128, 16, partition, warps) is None
+    assert attention_v6.choose_launch(64, 8, 4096, 16) == (4096, 4)
+    assert attention_v6.choose_launch(1, 8, 32768, 16) == (1024, 4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        ((np.float32, 4, 1, 64, 16, 16), "float16"),
+        ((np.float16, 16, 1, 64, 16, 16), "at most 8"),
+        ((np.float16, 4, 1, 32, 16, 16), "multiple of 64"),
+        ((np.float16, 4, 1, 64, 8, 16), "whole 16-token tiles"),
+        ((np.float16, 4, 1, 64, 16, 24), "multiple of 1 x block_size"),
+    ],
+)
+def test_supports_says_why_not(shape: tuple, reason: str) -> None:
+    assert reason in supports(*shape)
+
+
+def test_a_shape_it_cannot_serve_is_refused_before_anything_runs() -> None:
+    rng = np.random.default_rng(1)
+    shape = (2, 16, 1, 32)
+    args = (
+        rng.standard_normal((1, 2, 32)).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        np.array([[1, 0]], np.int32),
+        np.array([20], np.int32),
+        0.25,
+    )
+    a = attention.prepare_attention(*args, out=cuda.to_device(np.full((1, 2, 32), 7, np.float16)))
+    with pytest.raises(InvalidRequest, match="multiple of 64"):
+        attention_v6.launch_v6(a, 32)
+    with pytest.raises(InvalidRequest, match="warps must be >= 1 and <= 16, got 17"):
+        attention_v6.launch_v6(a, 32, 17)
+    assert (a.out.copy_to_host() == 7).all()
