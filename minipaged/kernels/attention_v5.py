@@ -1191,6 +1191,15 @@ def allow_shared(kernel: Any, args: tuple[Any, ...], nbytes: int) -> None:
     _allowed.add((kernel, sig, nbytes))
 
 
+def check_aligned(a: v2.AttentionArgs) -> None:
+    """``InvalidRequest`` unless both caches start on a 16-byte boundary, as 16-byte copies and
+    loads of them need (versions 5 and 6)."""
+    for name, cache in (("key_cache", a.key_cache), ("value_cache", a.value_cache)):
+        address = v4._address(cache)
+        if address % 16:
+            raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
+
+
 def launch_partitions(
     a: v2.AttentionArgs, partition_size: int, stages: int, merges: bool, warps: int = 1
 ) -> None:
@@ -1258,10 +1267,7 @@ def launch_v5(
             f"floats a partition and head in {room} floats of spent shared memory, so at most "
             f"{room // (2 * group)} partitions"
         )
-    for name, cache in (("key_cache", a.key_cache), ("value_cache", a.value_cache)):
-        address = v4._address(cache)
-        if address % 16:
-            raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
+    check_aligned(a)
     launch_partitions(a, partition_size, stages, in_kernel, warps)
     if not in_kernel:
         merge_partitions(a, partition_size, merge_threads)

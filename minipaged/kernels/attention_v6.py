@@ -59,7 +59,6 @@ from numba import config, cuda, float32, int32, uint32
 from minipaged.errors import InvalidRequest
 from minipaged.kernels import attention as v2
 from minipaged.kernels import attention_v3 as v3
-from minipaged.kernels import attention_v4 as v4
 from minipaged.kernels import attention_v5 as v5
 from minipaged.kernels import validate as v
 
@@ -89,7 +88,8 @@ if config.ENABLE_CUDASIM:
     @cuda.jit(device=True)
     def _lane_value(x, src, swap):
         """Simulator ``shfl_sync``: ``x`` of lane ``src`` of this warp, for every lane (every
-        lane must call it); the lanes meet in ``swap``, the warp's ``SWAP`` floats."""
+        lane must call it); the lanes meet in ``swap``, ``SWAP`` floats for each warp of the
+        block."""
         lane = cuda.threadIdx.x % WARP
         mine = swap[(cuda.threadIdx.x - lane) :][:WARP]
         mine[lane] = x
@@ -450,10 +450,7 @@ def launch_v6(a: v2.AttentionArgs, partition_size: int | None = None, warps: int
     )
     if reason:
         raise InvalidRequest(reason)
-    for name, cache in (("key_cache", a.key_cache), ("value_cache", a.value_cache)):
-        address = v4._address(cache)
-        if address % 16:
-            raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
+    v5.check_aligned(a)
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
