@@ -1,15 +1,17 @@
 """Version 6's launches on the benchmark's decode batches, beside version 5 (as
 ``paged_attention`` launches it), version 4 and SDPA, all in one run.
 
-    python3 scripts/tune_attention_v6.py [quick]
+    python3 scripts/tune_attention_v6.py [quick | small]
 
-For each batch of ``minipaged bench attention`` (``quick``: those of at least 64 x 4096
-tokens, where the goal is SDPA's speed):
-version 6 with 1, 2, 4 and 8 warps a block, each warp walking 256 to 2,048 tokens (the
-partitions follow), checked against version 2's output; then ``choose_launch``'s pick. Every
-figure is ``minipaged bench``'s median of CUDA-event timings, with its share of the copy
-bandwidth measured in the same run. Also prints each compiled kernel's registers and local
-memory a thread (local memory would mean the registers spilled).
+For each batch of ``minipaged bench attention``: version 6 with 1, 2, 4 and 8 warps a block,
+each warp walking 256 to 2,048 tokens (the partitions follow), checked against version 2's
+output; then ``choose_launch``'s pick and ``paged_attention``'s. ``quick``: only the batches
+of at least 64 x 4096 tokens, where the goal is SDPA's speed, with ``QUICK_LAUNCHES``, and
+``VARIED_LAUNCHES`` with every variant of ``VARIANTS`` (L2 prefetch distance, register budget,
+cache qualifier); ``small``: the other batches, with ``SMALL_LAUNCHES``. Every figure is
+``minipaged bench``'s median of CUDA-event timings, with its share of the copy bandwidth
+measured in the same run. Also prints each compiled kernel's registers and local memory a
+thread (local memory would mean the registers spilled).
 """
 
 from __future__ import annotations
@@ -25,24 +27,46 @@ from minipaged.kernels import attention, attention_v4, attention_v5, attention_v
 
 WARPS = (1, 2, 4, 8)
 RUNS = (256, 512, 1024, 2048)
+# (tiles ahead sent into L2, warps an SM must hold (0: the compiler's choice of registers),
+# the loads' cache qualifier); the first is the one tried on every launch
+VARIANTS = (
+    (2, 0, ""),
+    (0, 0, ""),
+    (1, 0, ""),
+    (3, 0, ""),
+    (2, 12, ""),
+    (2, 0, ".L1::no_allocate"),
+    (2, 0, ".L2::256B"),
+)
+QUICK_LAUNCHES = ((2, 2048), (4, 256), (4, 512), (4, 1024), (8, 512), (8, 1024))
+VARIED_LAUNCHES = ((4, 512), (4, 1024))  # the launches each variant is tried on
+SMALL_LAUNCHES = tuple((w, r) for w in (1, 2, 4, 8) for r in (256, 512, 1024))
 
 
 def main() -> None:
     quick = "quick" in sys.argv[1:]
+    small = "small" in sys.argv[1:]
     timing = gpu.Timing()
     copy = gpu.copy_bandwidth(timing)
     print(f"{gpu.device_name()}; copy {copy:.0f} GB/s", flush=True)
     shapes = gpu.attention_shapes()
     if quick:
         shapes = [s for s in shapes if s.seqs * s.context >= 64 * 4096]  # the SDPA goal's
+    if small:
+        shapes = [s for s in shapes if s.seqs * s.context < 64 * 4096]
     for i, shape in enumerate(shapes):
-        tune(shape, gpu.attention_inputs(shape, seed=100 + i), copy, timing)
+        tune(shape, gpu.attention_inputs(shape, seed=100 + i), copy, timing, quick, small)
     for name, info in _kernels():
         print(name, info)
 
 
 def tune(
-    shape: gpu.AttentionShape, a: attention.AttentionArgs, copy: float, timing: gpu.Timing
+    shape: gpu.AttentionShape,
+    a: attention.AttentionArgs,
+    copy: float,
+    timing: gpu.Timing,
+    quick: bool = False,
+    small: bool = False,
 ) -> None:
     """One batch: SDPA, version 5 (and 4 for 32/32), version 6's launches and its pick."""
     attention.launch_v2(a)
@@ -68,45 +92,64 @@ def tune(
     if shape.heads == shape.kv_heads:
         report("v4", lambda: attention_v4.launch_v4(a))
     best = None
-    for warps in WARPS:
-        for run in RUNS:
-            if warps * run > 2 * shape.context and run > 256:
-                continue
-            try:
-                ms = report(
-                    f"v6 {warps} warps x {run} tokens",
-                    lambda p=warps * run, w=warps: attention_v6.launch_v6(a, p, w),
-                )
-            except Exception as e:  # noqa: BLE001
-                print(f"  v6 {warps} x {run}: {type(e).__name__}: {e}", flush=True)
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, warps, run)
+    if quick:
+        launches = [(w, r, *VARIANTS[0]) for w, r in QUICK_LAUNCHES]
+        launches += [(w, r, *x) for w, r in VARIED_LAUNCHES for x in VARIANTS[1:]]
+    else:
+        runs = SMALL_LAUNCHES if small else [(w, r) for w in WARPS for r in RUNS]
+        launches = [(w, r, *VARIANTS[0]) for w, r in runs]
+    for warps, run, pf, occ, hint in launches:
+        if warps * run > 2 * shape.context and run > 256:
+            continue
+        name = f"v6 {warps} x {run}, prefetch {pf}, {occ or '-'} warps/SM {hint}"
+        try:
+            ms = report(
+                name,
+                lambda p=warps * run, w=warps, f=pf, b=occ // warps, h=hint: attention_v6.launch_v6(
+                    a, p, w, f, b, h
+                ),
+            )
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name}: {type(e).__name__}: {e}", flush=True)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, name)
     pick = attention_v6.choose_launch(shape.seqs, shape.kv_heads, shape.context, 16)
     report(f"v6 choose_launch {pick}", lambda: attention_v6.launch_v6(a))
+    picked = attention.fast_version(
+        shape.dtype, shape.heads, shape.kv_heads, shape.head_dim, shape.block_size,
+        small_grid=attention_v5.small_grid(shape.seqs, shape.kv_heads, shape.context),
+    )  # fmt: skip
+    report(f"paged_attention ({picked})", lambda: attention.paged_attention(
+        a.query, a.key_cache, a.value_cache, a.block_tables, a.seq_lens, a.scale, out=a.out
+    ))  # fmt: skip
     if best and sdpa:
-        print(f"  best v6: {best[1]} warps x {best[2]}: {sdpa / best[0]:.3f}x SDPA", flush=True)
+        print(f"  best v6: {best[1]}: {sdpa / best[0]:.3f}x SDPA", flush=True)
 
 
 def _kernels() -> list[tuple[str, str]]:
-    """Registers and local memory a thread of each compiled version 6 kernel."""
+    """Registers and local memory a thread of each compiled version 6 kernel (local memory
+    would mean the registers spilled)."""
     rows = []
-    for (group, head_dim, _, warps), kernel in _compiled().items():
-        for sig in kernel.overloads:
-            regs = kernel.get_regs_per_thread(sig)
-            local = kernel.get_local_mem_per_thread(sig)
-            rows.append((f"v6 group {group} head_dim {head_dim} warps {warps}",
+    for key in _compiled():
+        kernel = attention_v6.make_kernel(*key)
+        for compiled in kernel.overloads.values():
+            regs = compiled.regs_per_thread
+            local = compiled.local_mem_per_thread
+            rows.append((f"v6 {key} (group, head_dim, block, warps, prefetch, min blocks, hint)",
                          f"{regs} registers, {local} bytes of local memory"))  # fmt: skip
     return rows
 
 
-def _compiled() -> dict:
-    seen = {}
+def _compiled() -> list[tuple[Any, ...]]:
+    """The version 6 kernels this run compiled, as ``make_kernel``'s arguments."""
+    seen = []
     for group in (1, 4):
         for warps in WARPS:
-            kernel = attention_v6.make_kernel(group, 128, 16, warps)
-            if kernel.overloads:
-                seen[(group, 128, 16, warps)] = kernel
+            for pf, occ, hint in VARIANTS:
+                key = (group, 128, 16, warps, pf, occ // warps, hint)
+                if attention_v6.make_kernel(*key).overloads:
+                    seen.append(key)
     return seen
 
 

@@ -81,6 +81,30 @@ def test_v6_on_its_own_launch_choice() -> None:
     close(paged_attention_v6(*args), expected(args), np.float16)
 
 
+def test_paged_attention_runs_v6_on_batches_that_fill_the_gpu(monkeypatch) -> None:  # noqa: ANN001
+    """``paged_attention`` runs version 6 where the grid is not small (version 5's
+    ``small_grid``), on its own launch or a given partition size; small grids stay version
+    5's. The launches are recorded, not run: the batch is 64 sequences of 4,096 tokens, all in
+    one block of the cache."""
+    from minipaged.kernels import attention_v5
+
+    calls = []
+    monkeypatch.setattr(attention_v6, "launch_v6", lambda a, p=None: calls.append(("v6", p)))
+    monkeypatch.setattr(attention_v5, "launch_chosen", lambda a: calls.append(("v5", None)))
+    cache = np.zeros((1, 16, 8, 128), np.float16)
+    tables = np.zeros((64, 4096 // 16), np.int32)
+    lens = np.full(64, 4096, np.int32)
+    query = np.zeros((64, 32, 128), np.float16)
+    attention.paged_attention(query, cache, cache, tables, lens, 0.1)
+    attention.paged_attention(query, cache, cache, tables, lens, 0.1, partition_size=512)
+    attention.paged_attention(query[:8], cache, cache, tables[:8], lens[:8], 0.1)  # small
+    assert calls == [("v6", None), ("v6", 512), ("v5", None)]
+    assert attention.fast_version(np.float16, 32, 8, 128, 16) == "v6"
+    assert attention.fast_version(np.float16, 32, 32, 128, 16) == "v6"
+    assert attention.fast_version(np.float16, 32, 8, 128, 16, small_grid=True) == "v5"
+    assert attention.fast_version(np.float16, 32, 8, 128, 8) == "v4"  # blocks of 8 tokens
+
+
 def test_choose_launch_keeps_runs_whole_and_grids_full() -> None:
     """Every pick is a shape ``supports`` takes; a big batch gets one partition a sequence of
     up to 4 warps of 1,024 tokens, a small one runs shorter (so more warps) down to 256."""

@@ -589,9 +589,11 @@ def fast_version(
     faster with grouped-query attention), and version 3 before v1 and v2 (3 to 8 times faster
     on an H100).
     """
-    from minipaged.kernels import attention_v3, attention_v4, attention_v5  # (built on this one)
+    from minipaged.kernels import attention_v3, attention_v4, attention_v5, attention_v6
 
     shape = (np.dtype(dtype), num_heads, num_kv_heads, head_dim, block_size)
+    if not small_grid and attention_v6.supports(*shape, partition_size or block_size) is None:
+        return "v6"
     partition_size = partition_size or PARTITION_SIZE  # (v5's own choice is never longer)
     v5_helps = num_heads > num_kv_heads or small_grid
     if v5_helps and attention_v5.supports(*shape, partition_size) is None:
@@ -628,7 +630,7 @@ def paged_attention(
     ``InvalidBlockTable`` for block ids outside the cache and lengths the block table does not
     cover.
     """
-    from minipaged.kernels import attention_v3, attention_v4, attention_v5
+    from minipaged.kernels import attention_v3, attention_v4, attention_v5, attention_v6
 
     if partition_size is not None:
         v.check_int("partition_size", partition_size, 1, V1_MAX_CONTEXT)
@@ -641,6 +643,9 @@ def paged_attention(
     version = fast_version(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, small
     )
+    if version == "v6":
+        attention_v6.launch_v6(a, partition_size)  # (None: its own partitions and warps)
+        return a.result()
     if version == "v5":
         if partition_size is None:
             attention_v5.launch_chosen(a)

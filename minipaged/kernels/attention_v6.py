@@ -76,6 +76,10 @@ LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 
 if config.ENABLE_CUDASIM:
 
+    def _make_load16(hint: str = "") -> Any:
+        """Simulator: a load of the 4 words ``words[at:at + 4]`` (``hint`` means nothing)."""
+        return _load16
+
     def _load16(words, at):  # noqa: ANN001, ANN202
         """Simulator: the 4 words ``words[at:at + 4]``."""
         return (
@@ -84,6 +88,10 @@ if config.ENABLE_CUDASIM:
             uint32(words[at + 2]),
             uint32(words[at + 3]),
         )
+
+    @cuda.jit(device=True)
+    def _prefetch(words, at):
+        """Simulator: nothing (there is no L2 to warm)."""
 
     @cuda.jit(device=True)
     def _lane_value(x, src, swap):
@@ -105,21 +113,43 @@ else:
 
     _I32 = ir.IntType(32)
 
+    @functools.cache
+    def _make_load16(hint: str = "") -> Any:
+        """``ld.global.nc{hint}.v4.u32``: the 16 bytes at ``words[at:at + 4]`` (``at`` a
+        multiple of 4 words on a 16-byte aligned array) in one load, through the read-only
+        path; ``hint`` a cache qualifier such as ``.L1::no_allocate``."""
+
+        @intrinsic
+        def load16(typingctx, words, at):  # noqa: ANN001, ANN202
+            sig = types.UniTuple(types.uint32, 4)(words, types.int64)
+
+            def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+                data = context.make_array(sig.args[0])(context, builder, args[0]).data
+                addr = builder.ptrtoint(builder.gep(data, [args[1]]), ir.IntType(64))
+                fn = ir.FunctionType(ir.LiteralStructType([_I32] * 4), [ir.IntType(64)])
+                d = builder.asm(
+                    fn, f"ld.global.nc{hint}.v4.u32 {{$0, $1, $2, $3}}, [$4];",
+                    "=r,=r,=r,=r,l", [addr], False,
+                )  # fmt: skip
+                values = [builder.extract_value(d, i) for i in range(4)]
+                return context.make_tuple(builder, sig.return_type, values)
+
+            return sig, codegen
+
+        return load16
+
     @intrinsic
-    def _load16(typingctx, words, at):  # noqa: ANN001, ANN202
-        """``ld.global.nc.v4.u32``: the 16 bytes at ``words[at:at + 4]`` (``at`` a multiple of
-        4 words on a 16-byte aligned array) in one load, through the read-only path."""
-        sig = types.UniTuple(types.uint32, 4)(words, types.int64)
+    def _prefetch(typingctx, words, at):  # noqa: ANN001, ANN202
+        """``prefetch.global.L2``: the line holding ``words[at]`` on its way into L2, with no
+        register waiting for it."""
+        sig = types.void(words, types.int64)
 
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
             data = context.make_array(sig.args[0])(context, builder, args[0]).data
             addr = builder.ptrtoint(builder.gep(data, [args[1]]), ir.IntType(64))
-            fn = ir.FunctionType(ir.LiteralStructType([_I32] * 4), [ir.IntType(64)])
-            d = builder.asm(
-                fn, "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [addr], False
-            )
-            values = [builder.extract_value(d, i) for i in range(4)]
-            return context.make_tuple(builder, sig.return_type, values)
+            fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
+            builder.asm(fn, "prefetch.global.L2 [$0];", "l", [addr], True)
+            return context.get_dummy_value()
 
         return sig, codegen
 
@@ -152,11 +182,25 @@ def shared_bytes(group: int, head_dim: int, block_size: int, sub: int, warps: in
 
 
 @functools.cache
-def make_kernel(group: int, head_dim: int, block_size: int, warps: int = 1) -> Any:
+def make_kernel(
+    group: int,
+    head_dim: int,
+    block_size: int,
+    warps: int = 1,
+    prefetch: int = 0,
+    min_blocks: int = 0,
+    hint: str = "",
+) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
-    warps a block, each walking ``partition_size // warps`` tokens."""
+    warps a block, each walking ``partition_size // warps`` tokens. ``prefetch``: tiles ahead
+    whose lines are sent into L2 (0: none); ``min_blocks``: blocks an SM must hold at once
+    (so the compiler keeps to that many registers a thread; 0: its own choice); ``hint``: a
+    cache qualifier for the loads of the cache."""
+    _load16 = _make_load16(hint)
     threads = warps * WARP
+    lines = head_dim // 64  # 128-byte lines of a row
+    bounds = (threads, min_blocks) if min_blocks else threads
     pieces = head_dim // PIECE  # 16-byte pieces of a row
     k_pieces = pieces // 4  # K pieces a lane loads of each of its 2 tokens: t, t + 4, ...
     v_pieces = pieces // 8  # V pieces a lane loads of each of its 4 tokens: g, g + 8, ...
@@ -200,7 +244,7 @@ def make_kernel(group: int, head_dim: int, block_size: int, warps: int = 1) -> A
                     w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
                 v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
 
-    @cuda.jit(**({} if warps == 1 or config.ENABLE_CUDASIM else {"launch_bounds": threads}))
+    @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
         out,
         partial_out,
@@ -274,6 +318,13 @@ def make_kernel(group: int, head_dim: int, block_size: int, warps: int = 1) -> A
                 k_cur, v_cur, key_words, value_words, ids, start, start, end, base, head, g, t
             )
             for t0 in range(start, end, TILE):
+                if prefetch and t0 + prefetch * TILE < end:
+                    ahead = t0 + prefetch * TILE
+                    at = (ids[(ahead - start) >> shift] << shift) + (ahead & (block_size - 1))
+                    for i in range(lane, TILE * lines, WARP):
+                        line = (at + i // lines) * base + head + 32 * (i % lines)
+                        _prefetch(key_words, line)
+                        _prefetch(value_words, line)
                 if t0 + TILE < end:
                     load_tile(
                         k_nxt, v_nxt, key_words, value_words, ids, t0 + TILE, start, end,
@@ -415,6 +466,7 @@ def supports(
     return None
 
 
+PREFETCH_TILES = 2  # tiles ahead whose lines are sent into L2
 RUN_TOKENS = 1024  # tokens a warp walks, at most
 MIN_RUN_TOKENS = 256  # and at least, however few blocks the grid has
 LAUNCH_WARPS = 4  # warps a block
@@ -435,7 +487,14 @@ def choose_launch(
     return warps * sub, warps
 
 
-def launch_v6(a: v2.AttentionArgs, partition_size: int | None = None, warps: int = 1) -> None:
+def launch_v6(
+    a: v2.AttentionArgs,
+    partition_size: int | None = None,
+    warps: int = 1,
+    prefetch: int = PREFETCH_TILES,
+    min_blocks: int = 0,
+    hint: str = "",
+) -> None:
     """Launch version 6 on checked inputs: the partition kernel, then (for sequences of several
     partitions) version 5's merge kernel. ``partition_size`` None: ``choose_launch``'s pick
     (and its warps)."""
@@ -455,7 +514,7 @@ def launch_v6(a: v2.AttentionArgs, partition_size: int | None = None, warps: int
     parts = -(-a.max_seq_len // partition_size)
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
     shared = shared_bytes(group, head_dim, block_size, partition_size // warps, warps)
-    kernel = make_kernel(group, head_dim, block_size, warps)
+    kernel = make_kernel(group, head_dim, block_size, warps, prefetch, min_blocks, hint)
     args = (
         a.out,
         partial_out,
