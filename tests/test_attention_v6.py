@@ -82,10 +82,10 @@ def test_v6_on_its_own_launch_choice() -> None:
 
 
 def test_paged_attention_runs_v6_on_batches_that_fill_the_gpu(monkeypatch) -> None:  # noqa: ANN001
-    """``paged_attention`` runs version 6 where the grid is not small (version 5's
-    ``small_grid``), on its own launch or a given partition size; small grids stay version
-    5's. The launches are recorded, not run: the batch is 64 sequences of 4,096 tokens, all in
-    one block of the cache."""
+    """``paged_attention`` runs version 6 for grouped-query attention where the grid is not
+    small (version 5's ``small_grid``), on its own launch or a given partition size; small
+    grids stay version 5's, and multi-head attention version 4's. The launches are recorded,
+    not run: the batch is 64 sequences of 4,096 tokens, all in one block of the cache."""
     from minipaged.kernels import attention_v5
 
     calls = []
@@ -100,20 +100,23 @@ def test_paged_attention_runs_v6_on_batches_that_fill_the_gpu(monkeypatch) -> No
     attention.paged_attention(query[:8], cache, cache, tables[:8], lens[:8], 0.1)  # small
     assert calls == [("v6", None), ("v6", 512), ("v5", None)]
     assert attention.fast_version(np.float16, 32, 8, 128, 16) == "v6"
-    assert attention.fast_version(np.float16, 32, 32, 128, 16) == "v6"
+    assert attention.fast_version(np.float16, 32, 32, 128, 16) == "v4"  # no faster there
     assert attention.fast_version(np.float16, 32, 8, 128, 16, small_grid=True) == "v5"
     assert attention.fast_version(np.float16, 32, 8, 128, 8) == "v4"  # blocks of 8 tokens
 
 
 def test_choose_launch_keeps_runs_whole_and_grids_full() -> None:
     """Every pick is a shape ``supports`` takes; a big batch gets one partition a sequence of
-    up to 4 warps of 1,024 tokens, a small one runs shorter (so more warps) down to 256."""
+    up to 8 warps of 1,024 tokens, each with tokens to walk; a small one runs shorter (so more
+    warps) down to 256."""
     for seqs, context in ((1, 32768), (8, 16384), (64, 4096), (256, 1024), (3, 17), (1, 1)):
         for kv_heads in (8, 32):
             partition, warps = attention_v6.choose_launch(seqs, kv_heads, context, 16)
             assert supports(np.float16, 32, kv_heads, 128, 16, partition, warps) is None
     assert attention_v6.choose_launch(64, 8, 4096, 16) == (4096, 4)
-    assert attention_v6.choose_launch(1, 8, 32768, 16) == (1024, 4)
+    assert attention_v6.choose_launch(32, 8, 8192, 16) == (8192, 8)
+    assert attention_v6.choose_launch(256, 8, 1024, 16) == (1024, 1)
+    assert attention_v6.choose_launch(1, 8, 32768, 16) == (2048, 8)
 
 
 @pytest.mark.parametrize(

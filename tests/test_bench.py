@@ -36,12 +36,12 @@ def test_kv_bytes_counts_each_kv_byte_once_however_many_heads_share_it() -> None
     assert shape.kv_bytes() == kv + 2 * 2 * 8 * 4 * 2  # plus query and output
 
 
-def test_bench_attention_measures_v2_to_v5_and_they_agree() -> None:
-    shapes = [gpu.AttentionShape(1, 20, 4, 2, 16, 16)]
+def test_bench_attention_measures_v2_to_v6_and_they_agree() -> None:
+    shapes = [gpu.AttentionShape(1, 20, 2, 1, 64, 16)]  # (version 6 wants head_dim 64)
     rows = gpu.bench_attention(shapes, copy_gbs=1.0, timing=TINY, partition_size=16)
     (row,) = rows
-    assert all(row[f"{v}_ms"] > 0 for v in ("v2", "v3", "v4", "v5"))
-    assert all(row[f"{v}_vs_v2"] < 1e-2 for v in ("v3", "v4", "v5"))
+    assert all(row[f"{v}_ms"] > 0 for v in ("v2", "v3", "v4", "v5", "v6"))
+    assert all(row[f"{v}_vs_v2"] < 1e-2 for v in ("v3", "v4", "v5", "v6"))
     if gpu.SIMULATED:
         assert row["sdpa_ms"] is None  # no GPU: no torch comparison
     assert row["v3_share"] == pytest.approx(row["bytes"] / row["v3_ms"] / 1e6)

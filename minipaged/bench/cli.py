@@ -116,7 +116,7 @@ def _ms(x: float | None) -> str:
 
 
 def _attention_table(rows: list[dict[str, Any]], copy_gbs: float) -> list[str]:
-    versions = ("v2", "v3", "v4", "v5")
+    versions = ("v2", "v3", "v4", "v5", "v6")
     names = (*versions, "sdpa")
     lines = [
         "| heads/kv | seqs x context | MB read | "
@@ -143,8 +143,8 @@ def _attention_table(rows: list[dict[str, Any]], copy_gbs: float) -> list[str]:
             + " |"
         )
     lines.append(
-        f"(shares: bytes read / time / {copy_gbs:.0f} GB/s copy bandwidth; v5 with its own "
-        "partition size for small batches; picked: what paged_attention runs)"
+        f"(shares: bytes read / time / {copy_gbs:.0f} GB/s copy bandwidth; v5 and v6 with "
+        "their own partitions and warps; picked: what paged_attention runs)"
     )
     return lines
 

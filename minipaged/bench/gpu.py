@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 from numba import config, cuda
 
-from minipaged.kernels import attention, attention_v3, attention_v4, attention_v5, cache_ops
+from minipaged.kernels import (
+    attention,
+    attention_v3,
+    attention_v4,
+    attention_v5,
+    attention_v6,
+    cache_ops,
+)
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 ROTATE = 8  # input sets a small copy benchmark cycles through
@@ -227,12 +234,20 @@ def bench_attention(
             row["v5_vs_v2"] = max_difference(a.out, v2_out)
             row["v5_ms"] = time_ms(lambda a=a, how=how: attention_v5.launch_v5(a, *how), timing)
             row["v5_partition"], row["v5_warps"] = how[0], how[3]
+        if attention_v6.supports(*args, shape.block_size) is None:
+            how6 = attention_v6.choose_launch(
+                shape.seqs, shape.kv_heads, shape.context, shape.block_size
+            )  # as paged_attention launches it
+            attention_v6.launch_v6(a, *how6)
+            row["v6_vs_v2"] = max_difference(a.out, v2_out)
+            row["v6_ms"] = time_ms(lambda a=a, h=how6: attention_v6.launch_v6(a, *h), timing)
+            row["v6_partition"], row["v6_warps"] = how6
         small = attention_v5.small_grid(shape.seqs, shape.kv_heads, shape.context)
         row["picked"] = attention.fast_version(*args, small_grid=small)
         del a, v2_out
         if with_torch:
             row["sdpa_ms"] = sdpa_ms(shape, timing)
-        for name in ("v2", "v3", "v4", "v5", "sdpa"):
+        for name in ("v2", "v3", "v4", "v5", "v6", "sdpa"):
             ms = row.get(f"{name}_ms")
             if ms:
                 row[f"{name}_share"] = row["bytes"] / ms / 1e6 / copy_gbs

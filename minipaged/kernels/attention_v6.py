@@ -34,7 +34,10 @@ A lane keeps its own share of a head's exp sum, since all 4 lanes of a row group
 same factor; they are added up once, at the end.
 
 While a tile of 16 tokens is multiplied, the next tile's loads are already in flight (two sets
-of registers: ``cur`` and ``nxt``). A thread block is ``warps`` warps; each walks its own run
+of registers: ``cur`` and ``nxt``), and the lines of the tile ``PREFETCH_TILES`` ahead are sent
+into L2 (``prefetch.global.L2``, no register waits for it). That is all a warp can hold: at 255
+registers a thread an SM runs 8 warps, and forcing more makes the compiler spill (measured in
+docs/benchmarks.md). A thread block is ``warps`` warps; each walks its own run
 of the partition and the runs are combined in shared memory at the end, as version 5 does;
 sequences of several partitions then go through version 5's merge kernel.
 
@@ -66,6 +69,7 @@ WARP = v5.WARP
 TILE = v5.TILE  # tokens a step: the N of the logits' product, the K of V's
 MAX_GROUP = v5.MAX_GROUP
 PIECE = 8  # float16 values of one 16-byte load
+PREFETCH_TILES = 2  # tiles ahead whose lines are sent into L2 (1 and 3 were slower)
 MAX_WARPS = 16
 NEG_INF = v3.NEG_INF
 INLINE = v3.INLINE
@@ -187,7 +191,7 @@ def make_kernel(
     head_dim: int,
     block_size: int,
     warps: int = 1,
-    prefetch: int = 0,
+    prefetch: int = PREFETCH_TILES,
     min_blocks: int = 0,
     hint: str = "",
 ) -> Any:
@@ -466,10 +470,9 @@ def supports(
     return None
 
 
-PREFETCH_TILES = 2  # tiles ahead whose lines are sent into L2
 RUN_TOKENS = 1024  # tokens a warp walks, at most
 MIN_RUN_TOKENS = 256  # and at least, however few blocks the grid has
-LAUNCH_WARPS = 4  # warps a block
+LAUNCH_WARPS = 8  # warps a block, at most
 
 
 def choose_launch(
@@ -477,7 +480,13 @@ def choose_launch(
 ) -> tuple[int, int]:
     """``(partition_size, warps)`` for a batch: blocks of up to ``LAUNCH_WARPS`` warps, each
     walking up to ``RUN_TOKENS`` tokens, shorter runs (down to ``MIN_RUN_TOKENS``) while the
-    grid has fewer warps than the GPU has SMs times 8."""
+    grid has fewer warps than the GPU has SMs times 8.
+
+    So a sequence of up to 8,192 tokens is one partition whose warps all have tokens to walk:
+    no merge, and no warp holding an SM's registers for nothing. On an H100 (docs/
+    benchmarks.md) that was the fastest launch, or within 1% of it, from 32 x 8k to 256 x 1k;
+    blocks with idle warps (a partition longer than the sequence) lost 10 to 20%, since at 255
+    registers a thread an SM holds only 8 warps."""
     sub = max(block_size, min(RUN_TOKENS, -(-max_seq_len // block_size) * block_size))
     while num_seqs * num_kv_heads * -(
         -max_seq_len // sub
