@@ -1028,6 +1028,36 @@ MAX_WARPS = 16  # warps a thread block (512 threads: at most 128 registers each)
 OPT_IN_SHARED_BYTES = 227 * 1024  # the most an H100's or H200's block may ask for
 
 
+def tensor_core_reason(
+    version: int,
+    dtype: Any,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dims: int,
+    block_size: int,
+    warps: int,
+) -> str | None:
+    """The refusals versions 5 and 6 share, or None: float16 (the tensor cores' input here), at
+    most ``MAX_GROUP`` query heads per kv head (the product's 8 columns), head_dim a multiple
+    of ``dims`` up to ``MAX_HEAD_DIM``, blocks of whole 16-token tiles (a power of two, so a
+    token's block is a shift away), 1 to ``MAX_WARPS`` warps a block."""
+    if np.dtype(dtype) != np.float16:
+        return f"dtype {np.dtype(dtype)}: version {version} multiplies float16 on tensor cores"
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
+        return (
+            f"{num_heads} query heads over {num_kv_heads} kv heads: version {version} serves "
+            f"groups of at most {MAX_GROUP} query heads per kv head"
+        )
+    if head_dim % dims or head_dim > v2.MAX_HEAD_DIM:
+        return f"head_dim = {head_dim} is not a multiple of {dims} up to {v2.MAX_HEAD_DIM}"
+    if block_size % TILE or block_size & (block_size - 1):
+        return f"block_size = {block_size} is not a power of two holding whole {TILE}-token tiles"
+    if not 1 <= warps <= MAX_WARPS:
+        return f"warps = {warps}: a thread block of version {version} has 1 to {MAX_WARPS} warps"
+    return None
+
+
 def supports(
     dtype: Any,
     num_heads: int,
@@ -1045,19 +1075,9 @@ def supports(
     the 48 KB a launch gets by default for a one-warp block (more would only leave fewer of
     them on an SM), within ``OPT_IN_SHARED_BYTES`` for a block of several warps, which asks
     the driver for it (``allow_shared``)."""
-    if np.dtype(dtype) != np.float16:
-        return f"dtype {np.dtype(dtype)}: version 5 multiplies float16 on tensor cores"
-    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
-        return (
-            f"{num_heads} query heads over {num_kv_heads} kv heads: version 5 serves groups of "
-            f"at most {MAX_GROUP} query heads per kv head"
-        )
-    if head_dim % 16 or head_dim > v2.MAX_HEAD_DIM:
-        return f"head_dim = {head_dim} is not a multiple of 16 up to {v2.MAX_HEAD_DIM}"
-    if block_size % TILE or block_size & (block_size - 1):
-        return f"block_size = {block_size} is not a power of two holding whole {TILE}-token tiles"
-    if not 1 <= warps <= MAX_WARPS:
-        return f"warps = {warps}: a thread block of version 5 has 1 to {MAX_WARPS} warps"
+    reason = tensor_core_reason(5, dtype, num_heads, num_kv_heads, head_dim, 16, block_size, warps)
+    if reason:
+        return reason
     if partition_size % (warps * block_size):
         return (
             f"partition_size = {partition_size} is not a multiple of block_size = {block_size} "

@@ -70,7 +70,7 @@ TILE = v5.TILE  # tokens a step: the N of the logits' product, the K of V's
 MAX_GROUP = v5.MAX_GROUP
 PIECE = 8  # float16 values of one 16-byte load
 PREFETCH_TILES = 2  # tiles ahead whose lines are sent into L2 (1 and 3 were slower)
-MAX_WARPS = 16
+MAX_WARPS = v5.MAX_WARPS
 NEG_INF = v3.NEG_INF
 INLINE = v3.INLINE
 SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _lane_value
@@ -444,19 +444,11 @@ def supports(
     loads whole 16-byte pieces of V), blocks of whole 16-token tiles, partitions of whole
     blocks for each of 1 to ``MAX_WARPS`` warps, shared memory within the 48 KB a launch gets
     by default, or ``v5.OPT_IN_SHARED_BYTES`` for several warps."""
-    if np.dtype(dtype) != np.float16:
-        return f"dtype {np.dtype(dtype)}: version 6 multiplies float16 on tensor cores"
-    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
-        return (
-            f"{num_heads} query heads over {num_kv_heads} kv heads: version 6 serves groups of "
-            f"at most {MAX_GROUP} query heads per kv head"
-        )
-    if head_dim % 64 or head_dim > v2.MAX_HEAD_DIM:
-        return f"head_dim = {head_dim} is not a multiple of 64 up to {v2.MAX_HEAD_DIM}"
-    if block_size % TILE or block_size & (block_size - 1):
-        return f"block_size = {block_size} is not a power of two holding whole {TILE}-token tiles"
-    if not 1 <= warps <= MAX_WARPS:
-        return f"warps = {warps}: a thread block of version 6 has 1 to {MAX_WARPS} warps"
+    reason = v5.tensor_core_reason(
+        6, dtype, num_heads, num_kv_heads, head_dim, 64, block_size, warps
+    )
+    if reason:
+        return reason
     if partition_size % (warps * block_size):
         return (
             f"partition_size = {partition_size} is not a multiple of {warps} x block_size = "
