@@ -54,6 +54,23 @@ def random_tables(
     return tables, num_blocks
 
 
+def random_args(
+    rng: np.random.Generator, lens: list[int], heads: int, head_dim: int, scale: float
+) -> tuple:
+    """``paged_attention``'s arguments for ``heads`` query heads over one kv head, blocks of 16
+    tokens on shuffled blocks, float16 values drawn from ``rng``."""
+    tables, num_blocks = random_tables(rng, lens, 16)
+    shape = (num_blocks, 16, 1, head_dim)
+    return (
+        rng.standard_normal((len(lens), heads, head_dim)).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        rng.standard_normal(shape).astype(np.float16),
+        tables,
+        np.array(lens, np.int32),
+        scale,
+    )
+
+
 @st.composite
 def cases(draw):
     """(args, partition_size, threads, stages) for one launch version 4 supports."""

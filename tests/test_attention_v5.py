@@ -15,7 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda, float32, uint32
-from test_attention_v4 import close, expected, quick_thread_switches, random_tables  # noqa: F401
+from test_attention_v4 import (  # noqa: F401
+    close,
+    expected,
+    quick_thread_switches,
+    random_args,
+    random_tables,
+)
 
 from minipaged.errors import InvalidRequest
 from minipaged.kernels import attention, attention_v4, attention_v5
@@ -156,16 +162,7 @@ def test_merging_in_the_kernel_a_sequence_of_one_partition_writes_its_output_alo
     longer sequence of the same batch still merges its partitions in the kernel."""
     rng = np.random.default_rng(11)
     partition, lens = 32 * warps, [20, 3 * 32 * warps - 5]
-    tables, num_blocks = random_tables(rng, lens, 16)
-    shape = (num_blocks, 16, 1, 16)
-    args = (
-        rng.standard_normal((2, 2, 16)).astype(np.float16),
-        rng.standard_normal(shape).astype(np.float16),
-        rng.standard_normal(shape).astype(np.float16),
-        tables,
-        np.array(lens, np.int32),
-        0.25,
-    )
+    args = random_args(rng, lens, 2, 16, 0.25)
     nan_out = cuda.to_device(np.full((2, 2, 16), np.nan, np.float16))
     a = attention.prepare_attention(*args, out=nan_out)
     for buffer in a.workspace(partition):
@@ -202,6 +199,20 @@ def test_merging_in_the_kernel_refuses_more_partitions_than_its_scratch_holds() 
     assert (a.out.copy_to_host() == 7).all()
     attention_v5.launch_v5(a, 32, 2, attention_v5.IN_KERNEL)
     close(a.out.copy_to_host(), expected(args), np.float16)
+
+
+def test_shared_memory_granted_to_a_kernel_only_rises() -> None:
+    """On a GPU more than 48 KB of shared memory a block needs the driver's permission, which a
+    smaller grant later lowers: the same compiled kernel launched with 111 KB, then 86 KB,
+    then 111 KB again must still launch, and right (in the simulator nothing is asked)."""
+    rng = np.random.default_rng(12)
+    args = random_args(rng, [40], 4, 64, 0.125)
+    a = attention.prepare_attention(*args)
+    for partition in (2048, 512, 2048):
+        assert attention_v5.shared_bytes(4, 64, 16, partition, 4, 8) > 80_000
+        a.out.copy_to_device(np.full((1, 4, 64), np.nan, np.float16))
+        attention_v5.launch_v5(a, partition, 4, attention_v5.IN_KERNEL, 8)
+        close(a.out.copy_to_host(), expected(args), np.float16)
 
 
 @settings(max_examples=15, deadline=None)

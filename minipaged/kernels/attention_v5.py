@@ -1190,25 +1190,26 @@ def choose_launch(
     return v3.PARTITION_SIZE, STAGES, None, 1
 
 
-_allowed: set[tuple[Any, ...]] = set()
+_allowed: dict[tuple[Any, ...], int] = {}  # (kernel, types) -> the largest grant so far
 
 
 def allow_shared(kernel: Any, args: tuple[Any, ...], nbytes: int) -> None:
     """Let ``kernel`` (compiled for ``args``' types) take ``nbytes`` of dynamic shared memory:
-    more than 48 KB needs the driver's permission, once per compiled kernel. Nothing to ask in
-    the simulator."""
+    more than 48 KB needs the driver's permission. The permission is a ceiling that a later,
+    smaller grant would lower, so it only ever rises: each compiled kernel keeps the largest
+    it was given. Nothing to ask in the simulator."""
     if config.ENABLE_CUDASIM or nbytes <= v2.SHARED_BYTES:
         return
     from numba import typeof
     from numba.cuda.cudadrv import driver
 
     sig = tuple(typeof(x) for x in args)
-    if (kernel, sig, nbytes) in _allowed:
+    if _allowed.get((kernel, sig), 0) >= nbytes:
         return
     cufunc = kernel.compile(sig)._codelibrary.get_cufunc()
     attr = driver.binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     driver.driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
-    _allowed.add((kernel, sig, nbytes))
+    _allowed[kernel, sig] = nbytes
 
 
 def check_aligned(a: v2.AttentionArgs) -> None:
