@@ -1,9 +1,13 @@
-"""One decode batch through paged attention versions 2 to 5, for a profiler:
+"""One decode batch through paged attention versions 2 to 6 and SDPA, for a profiler:
 
-    ncu --section SpeedOfLight python3 scripts/profile_attention.py [SEQS CONTEXT HEADS KV_HEADS]
+    ncu --section SpeedOfLight python3 scripts/profile_attention.py \
+        [SEQS CONTEXT HEADS KV_HEADS [WHICH]]
 
-Runs each version twice (the first launch compiles), then stops; the defaults are the issue's
-64 x 4096, 32 query heads over 8 kv heads, float16, head_dim 128, block 16.
+Runs each of ``WHICH`` twice (the first launch compiles), then stops: a comma-separated list of
+``v2``, ``v3``, ``v4``, ``v5`` (as ``paged_attention`` picks its launch), ``v6``
+(``choose_launch``'s pick) and ``sdpa`` (PyTorch's ``scaled_dot_product_attention`` on a
+contiguous cache of the same shape); all of them by default. The other defaults are the
+issue's 64 x 4096, 32 query heads over 8 kv heads, float16, head_dim 128, block 16.
 """
 
 from __future__ import annotations
@@ -16,14 +20,32 @@ from numba import cuda
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipaged.bench import gpu  # noqa: E402
-from minipaged.kernels import attention, attention_v3, attention_v4, attention_v5  # noqa: E402
+from minipaged.kernels import (  # noqa: E402
+    attention,
+    attention_v3,
+    attention_v4,
+    attention_v5,
+    attention_v6,
+)
 
-seqs, context, heads, kv_heads = (int(x) for x in (sys.argv[1:] or [64, 4096, 32, 8]))
-a = gpu.attention_inputs(gpu.AttentionShape(seqs, context, heads, kv_heads), seed=1)
+RUNS = {
+    "v2": attention.launch_v2,
+    "v3": attention_v3.launch_v3,
+    "v4": attention_v4.launch_v4,
+    "v5": attention_v5.launch_chosen,
+    "v6": attention_v6.launch_v6,
+}
+
+args = sys.argv[1:]
+seqs, context, heads, kv_heads = (int(x) for x in (args[:4] or [64, 4096, 32, 8]))
+which = args[4].split(",") if len(args) > 4 else [*RUNS, "sdpa"]
+shape = gpu.AttentionShape(seqs, context, heads, kv_heads)
+a = gpu.attention_inputs(shape, seed=1)
 for _ in range(2):
-    attention.launch_v2(a)
-    attention_v3.launch_v3(a)
-    attention_v4.launch_v4(a)
-    attention_v5.launch_chosen(a)  # as paged_attention picks its launch
+    for name in which:
+        if name == "sdpa":
+            gpu.sdpa_ms(shape, gpu.Timing())  # (times it too: profile its first launch)
+        else:
+            RUNS[name](a)
 cuda.synchronize()
 print("done")

@@ -1,14 +1,15 @@
 """Version 6's launches on the benchmark's decode batches, beside version 5 (as
 ``paged_attention`` launches it), version 4 and SDPA, all in one run.
 
-    python3 scripts/tune_attention_v6.py [quick | small]
+    python3 scripts/tune_attention_v6.py [quick | small | versions]
 
 For each batch of ``minipaged bench attention``: version 6 with 1, 2, 4 and 8 warps a block,
 each warp walking 256 to 2,048 tokens (the partitions follow), checked against version 2's
 output; then ``choose_launch``'s pick and ``paged_attention``'s. ``quick``: only the batches
 of at least 64 x 4096 tokens, where the goal is SDPA's speed, with ``QUICK_LAUNCHES``, and
-``VARIED_LAUNCHES`` with every variant of ``VARIANTS`` (L2 prefetch distance, register budget,
-cache qualifier); ``small``: the other batches, with ``SMALL_LAUNCHES``. Every figure is
+``VARIED_LAUNCHES`` with every variant of ``VARIANTS`` (register budget, cache qualifier);
+``small``: the other batches, with ``SMALL_LAUNCHES``; ``versions``: every batch, with no
+sweep (SDPA, versions 5 and 4, and version 6 as ``choose_launch`` picks). Every figure is
 ``minipaged bench``'s median of CUDA-event timings, with its share of the copy bandwidth
 measured in the same run. Also prints each compiled kernel's registers and local memory a
 thread (local memory would mean the registers spilled).
@@ -27,25 +28,18 @@ from minipaged.kernels import attention, attention_v4, attention_v5, attention_v
 
 WARPS = (1, 2, 4, 8)
 RUNS = (256, 512, 1024, 2048)
-# (tiles ahead sent into L2, warps an SM must hold (0: the compiler's choice of registers),
-# the loads' cache qualifier); the first is the one tried on every launch
-VARIANTS = (
-    (2, 0, ""),
-    (0, 0, ""),
-    (1, 0, ""),
-    (3, 0, ""),
-    (2, 12, ""),
-    (2, 0, ".L1::no_allocate"),
-    (2, 0, ".L2::256B"),
-)
-QUICK_LAUNCHES = ((2, 2048), (4, 256), (4, 512), (4, 1024), (8, 512), (8, 1024))
-VARIED_LAUNCHES = ((4, 512), (4, 1024))  # the launches each variant is tried on
+# (warps an SM must hold (0: the compiler's choice of registers), the loads' cache qualifier);
+# the first is the one tried on every launch
+VARIANTS = ((0, ""), (12, ""), (0, ".L2::128B"), (0, ".L2::256B"), (0, ".L1::no_allocate"))
+QUICK_LAUNCHES = ((2, 2048), (4, 512), (4, 1024), (8, 512), (8, 1024))
+VARIED_LAUNCHES = ((4, 1024),)  # the launches each variant is tried on
 SMALL_LAUNCHES = tuple((w, r) for w in (1, 2, 4, 8) for r in (256, 512, 1024))
 
 
 def main() -> None:
     quick = "quick" in sys.argv[1:]
     small = "small" in sys.argv[1:]
+    versions = "versions" in sys.argv[1:]
     timing = gpu.Timing()
     copy = gpu.copy_bandwidth(timing)
     print(f"{gpu.device_name()}; copy {copy:.0f} GB/s", flush=True)
@@ -55,7 +49,8 @@ def main() -> None:
     if small:
         shapes = [s for s in shapes if s.seqs * s.context < 64 * 4096]
     for i, shape in enumerate(shapes):
-        tune(shape, gpu.attention_inputs(shape, seed=100 + i), copy, timing, quick, small)
+        a = gpu.attention_inputs(shape, seed=100 + i)
+        tune(shape, a, copy, timing, quick, small, versions)
     for name, info in _kernels():
         print(name, info)
 
@@ -67,6 +62,7 @@ def tune(
     timing: gpu.Timing,
     quick: bool = False,
     small: bool = False,
+    versions: bool = False,
 ) -> None:
     """One batch: SDPA, version 5 (and 4 for 32/32), version 6's launches and its pick."""
     attention.launch_v2(a)
@@ -98,15 +94,17 @@ def tune(
     else:
         runs = SMALL_LAUNCHES if small else [(w, r) for w in WARPS for r in RUNS]
         launches = [(w, r, *VARIANTS[0]) for w, r in runs]
-    for warps, run, pf, occ, hint in launches:
+    if versions:
+        launches = []
+    for warps, run, occ, hint in launches:
         if warps * run > 2 * shape.context and run > 256:
             continue
-        name = f"v6 {warps} x {run}, prefetch {pf}, {occ or '-'} warps/SM {hint}"
+        name = f"v6 {warps} x {run}, {occ or '-'} warps/SM {hint}"
         try:
             ms = report(
                 name,
-                lambda p=warps * run, w=warps, f=pf, b=occ // warps, h=hint: attention_v6.launch_v6(
-                    a, p, w, f, b, h
+                lambda p=warps * run, w=warps, b=occ // warps, h=hint: attention_v6.launch_v6(
+                    a, p, w, b, h
                 ),
             )
         except Exception as e:  # noqa: BLE001
@@ -136,7 +134,7 @@ def _kernels() -> list[tuple[str, str]]:
         for compiled in kernel.overloads.values():
             regs = compiled.regs_per_thread
             local = compiled.local_mem_per_thread
-            rows.append((f"v6 {key} (group, head_dim, block, warps, prefetch, min blocks, hint)",
+            rows.append((f"v6 {key} (group, head_dim, block, warps, min blocks, hint)",
                          f"{regs} registers, {local} bytes of local memory"))  # fmt: skip
     return rows
 
@@ -146,8 +144,8 @@ def _compiled() -> list[tuple[Any, ...]]:
     seen = []
     for group in (1, 4):
         for warps in WARPS:
-            for pf, occ, hint in VARIANTS:
-                key = (group, 128, 16, warps, pf, occ // warps, hint)
+            for occ, hint in VARIANTS:
+                key = (group, 128, 16, warps, occ // warps, hint)
                 if attention_v6.make_kernel(*key).overloads:
                     seen.append(key)
     return seen

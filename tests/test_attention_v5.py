@@ -340,9 +340,11 @@ def test_dispatch_prefers_v5_for_grouped_query_attention(monkeypatch: pytest.Mon
     attention.paged_attention(*one_head_each)  # a small batch: v5's small-grid launch
     small4, small1 = (attention_v5.choose_launch(1, 1, 2 * 16 - 3, 16, g, 16) for g in (4, 1))
     assert calls == ["v5/(16,)", f"v5/{small4}", "v4/16", "v4/16", "v4/16", f"v5/{small1}"]
-    assert attention.fast_version(np.float16, 32, 8, 128, 16, small_grid=True) == "v5"
+    # head_dim 32: too narrow for version 6's 16-byte pieces of V
+    assert attention.fast_version(np.float16, 32, 8, 32, 16, small_grid=True) == "v5"
     assert attention.fast_version(np.float16, 32, 32, 128, 8) == "v4"
-    assert attention.fast_version(np.float16, 32, 32, 128, 16, small_grid=True) == "v5"
+    assert attention.fast_version(np.float16, 32, 32, 32, 16, small_grid=True) == "v5"
+    assert attention.fast_version(np.float16, 32, 32, 32, 16) == "v4"
 
 
 def test_choose_launch_takes_blocks_of_several_warps_and_one_partition_up_to_4096() -> None:

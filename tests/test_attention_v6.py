@@ -16,7 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
-from test_attention_v4 import close, expected, quick_thread_switches, random_tables  # noqa: F401
+from test_attention_v4 import (  # noqa: F401
+    close,
+    expected,
+    quick_thread_switches,
+    random_args,
+    random_tables,
+)
 
 from minipaged.errors import InvalidRequest
 from minipaged.kernels import attention, attention_v6
@@ -67,30 +73,17 @@ def test_v6_matches_reference(case: tuple) -> None:
 def test_v6_on_its_own_launch_choice() -> None:
     """No partition size: ``choose_launch`` picks partitions and warps."""
     rng = np.random.default_rng(4)
-    lens = [300, 45]
-    tables, num_blocks = random_tables(rng, lens, 16)
-    shape = (num_blocks, 16, 1, 64)
-    args = (
-        rng.standard_normal((2, 4, 64)).astype(np.float16),
-        rng.standard_normal(shape).astype(np.float16),
-        rng.standard_normal(shape).astype(np.float16),
-        tables,
-        np.array(lens, np.int32),
-        0.125,
-    )
+    args = random_args(rng, [300, 45], 4, 64, 0.125)
     close(paged_attention_v6(*args), expected(args), np.float16)
 
 
-def test_paged_attention_runs_v6_on_batches_that_fill_the_gpu(monkeypatch) -> None:  # noqa: ANN001
-    """``paged_attention`` runs version 6 for grouped-query attention where the grid is not
-    small (version 5's ``small_grid``), on its own launch or a given partition size; small
-    grids stay version 5's, and multi-head attention version 4's. The launches are recorded,
-    not run: the batch is 64 sequences of 4,096 tokens, all in one block of the cache."""
-    from minipaged.kernels import attention_v5
-
+def test_paged_attention_runs_v6_wherever_it_serves(monkeypatch) -> None:  # noqa: ANN001
+    """``paged_attention`` runs version 6 wherever it serves the shape, on its own launch or a
+    given partition size, small grids and multi-head attention alike; where it does not
+    (blocks of 8 tokens), version 4. The launches are recorded, not run: the batch is 64
+    sequences of 4,096 tokens, all in one block of the cache."""
     calls = []
     monkeypatch.setattr(attention_v6, "launch_v6", lambda a, p=None: calls.append(("v6", p)))
-    monkeypatch.setattr(attention_v5, "launch_chosen", lambda a: calls.append(("v5", None)))
     cache = np.zeros((1, 16, 8, 128), np.float16)
     tables = np.zeros((64, 4096 // 16), np.int32)
     lens = np.full(64, 4096, np.int32)
@@ -98,10 +91,11 @@ def test_paged_attention_runs_v6_on_batches_that_fill_the_gpu(monkeypatch) -> No
     attention.paged_attention(query, cache, cache, tables, lens, 0.1)
     attention.paged_attention(query, cache, cache, tables, lens, 0.1, partition_size=512)
     attention.paged_attention(query[:8], cache, cache, tables[:8], lens[:8], 0.1)  # small
-    assert calls == [("v6", None), ("v6", 512), ("v5", None)]
+    attention.paged_attention(query[:, :8], cache, cache, tables, lens, 0.1)  # multi-head
+    assert calls == [("v6", None), ("v6", 512), ("v6", None), ("v6", None)]
     assert attention.fast_version(np.float16, 32, 8, 128, 16) == "v6"
-    assert attention.fast_version(np.float16, 32, 32, 128, 16) == "v4"  # no faster there
-    assert attention.fast_version(np.float16, 32, 8, 128, 16, small_grid=True) == "v5"
+    assert attention.fast_version(np.float16, 32, 32, 128, 16) == "v6"
+    assert attention.fast_version(np.float16, 32, 8, 128, 16, small_grid=True) == "v6"
     assert attention.fast_version(np.float16, 32, 8, 128, 8) == "v4"  # blocks of 8 tokens
 
 

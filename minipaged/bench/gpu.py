@@ -190,10 +190,10 @@ def bench_attention(
     with_torch: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """For each shape: milliseconds of versions 2 to 5 (those that serve it) and of SDPA, the
+    """For each shape: milliseconds of versions 2 to 6 (those that serve it) and of SDPA, the
     achieved bandwidth of each as a share of ``copy_gbs``, the largest differences of versions
-    3 to 5 from version 2, and the version ``paged_attention`` picks. Versions 2 to 4 run on
-    ``partition_size``; version 5 as ``paged_attention`` runs it (``choose_launch``)."""
+    3 to 6 from version 2, and the version ``paged_attention`` picks. Versions 2 to 4 run on
+    ``partition_size``; versions 5 and 6 on their own ``choose_launch``'s pick."""
     rows = []
     for i, shape in enumerate(shapes):
         if progress:

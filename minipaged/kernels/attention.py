@@ -581,23 +581,22 @@ def fast_version(
     ``"v3"``, or None when only versions 1 and 2 serve it. ``partition_size`` None: each
     version's own; ``small_grid``: the batch is one ``attention_v5.small_grid`` calls small.
 
-    Version 6 (the cache loaded straight into the tensor cores' registers) is picked for
-    grouped-query attention on batches that fill the GPU: on an H100 it was 3.5 to 5.6% faster
-    than version 5 from 32 x 8k to 256 x 1k with 4 query heads per kv head, and no faster on
-    small batches (docs/benchmarks.md). Version 5 (tensor cores through shared memory) is
-    picked for the other grouped-query batches and for small ones, version 4 for other
-    multi-head attention: measured on an H200, version 5 was the faster on every batch with 4
-    query heads per kv head and on the small ones with one (its shorter partitions fill the
-    GPU), version 4 on the large ones with one, where it runs at the copy bandwidth (version
-    6 only ties with it there). Then version 4 before version 3 (1.3 to 1.8 times faster with
-    grouped-query attention), and version 3 before v1 and v2 (3 to 8 times faster on an H100).
+    Version 6 (the cache loaded straight into the tensor cores' registers) is picked wherever
+    it serves the shape: on an H100 it was the fastest version on every batch of the benchmark
+    (docs/benchmarks.md, 2026-12-06), 2 to 9% faster than version 5 with 4 query heads per kv
+    head, and with one 1.8 to 3.6% faster than the better of versions 4 and 5. Where it does
+    not serve, version 5 (tensor cores through shared memory) is picked for grouped-query
+    attention and for small batches, version 4 for other multi-head attention: measured on an
+    H200, version 5 was the faster on every batch with 4 query heads per kv head and on the
+    small ones with one (its shorter partitions fill the GPU), version 4 on the large ones
+    with one. Then version 4 before version 3 (1.3 to 1.8 times faster with grouped-query
+    attention), and version 3 before v1 and v2 (3 to 8 times faster on an H100).
     """
     from minipaged.kernels import attention_v3, attention_v4, attention_v5, attention_v6
 
     shape = (np.dtype(dtype), num_heads, num_kv_heads, head_dim, block_size)
     grouped = num_heads > num_kv_heads
-    v6_serves = attention_v6.supports(*shape, partition_size or block_size) is None
-    if grouped and not small_grid and v6_serves:
+    if attention_v6.supports(*shape, partition_size or block_size) is None:
         return "v6"
     partition_size = partition_size or PARTITION_SIZE  # (v5's own choice is never longer)
     v5_helps = grouped or small_grid

@@ -33,12 +33,17 @@ Gimelshein, 2018): a running maximum per head, and the sums so far rescaled when
 A lane keeps its own share of a head's exp sum, since all 4 lanes of a row group rescale by the
 same factor; they are added up once, at the end.
 
-While a tile of 16 tokens is multiplied, the next tile's loads are already in flight (two sets
-of registers: ``cur`` and ``nxt``), and the lines of the tile ``PREFETCH_TILES`` ahead are sent
-into L2 (``prefetch.global.L2``, no register waits for it). That is all a warp can hold: at 255
+While a tile of 16 tokens is multiplied, the next tile's loads are in flight. The run's even
+tiles land in one set of registers and its odd tiles in another, and the two take turns: as
+soon as the even set's tile is folded in, its registers take the loads of the tile after the
+odd one, whether or not the odd tile has arrived yet. (Copying the next set into the current
+one after each tile, the plain way to write it, costs 64 moves a tile, and no load of the tile
+after next can start until the next tile has landed: written so, the kernel needed the lines
+of the tile two ahead prefetched into L2 and was still 3 to 4% slower, docs/benchmarks.md;
+taking turns, a prefetch only slows it down.) Two sets are all a warp can hold: at 255
 registers a thread an SM runs 8 warps, and forcing more makes the compiler spill (measured in
-docs/benchmarks.md). A thread block is ``warps`` warps; each walks its own run
-of the partition and the runs are combined in shared memory at the end, as version 5 does;
+docs/benchmarks.md). A thread block is ``warps`` warps; each walks its own run of the
+partition and the runs are combined in shared memory at the end, as version 5 does;
 sequences of several partitions then go through version 5's merge kernel.
 
 Slots of the last block past the sequence's end may hold NaN: their K rows are not loaded
@@ -69,7 +74,6 @@ WARP = v5.WARP
 TILE = v5.TILE  # tokens a step: the N of the logits' product, the K of V's
 MAX_GROUP = v5.MAX_GROUP
 PIECE = 8  # float16 values of one 16-byte load
-PREFETCH_TILES = 2  # tiles ahead whose lines are sent into L2 (1 and 3 were slower)
 MAX_WARPS = v5.MAX_WARPS
 NEG_INF = v3.NEG_INF
 INLINE = v3.INLINE
@@ -92,10 +96,6 @@ if config.ENABLE_CUDASIM:
             uint32(words[at + 2]),
             uint32(words[at + 3]),
         )
-
-    @cuda.jit(device=True)
-    def _prefetch(words, at):
-        """Simulator: nothing (there is no L2 to warm)."""
 
     @cuda.jit(device=True)
     def _lane_value(x, src, swap):
@@ -142,21 +142,6 @@ else:
 
         return load16
 
-    @intrinsic
-    def _prefetch(typingctx, words, at):  # noqa: ANN001, ANN202
-        """``prefetch.global.L2``: the line holding ``words[at]`` on its way into L2, with no
-        register waiting for it."""
-        sig = types.void(words, types.int64)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            data = context.make_array(sig.args[0])(context, builder, args[0]).data
-            addr = builder.ptrtoint(builder.gep(data, [args[1]]), ir.IntType(64))
-            fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
-            builder.asm(fn, "prefetch.global.L2 [$0];", "l", [addr], True)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
     @cuda.jit(device=True, **INLINE)
     def _lane_value(x, src, swap):
         """``x`` of lane ``src`` of this warp (a warp shuffle; every lane must call it)."""
@@ -191,19 +176,17 @@ def make_kernel(
     head_dim: int,
     block_size: int,
     warps: int = 1,
-    prefetch: int = PREFETCH_TILES,
     min_blocks: int = 0,
     hint: str = "",
 ) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
-    warps a block, each walking ``partition_size // warps`` tokens. ``prefetch``: tiles ahead
-    whose lines are sent into L2 (0: none); ``min_blocks``: blocks an SM must hold at once
+    warps a block, each walking ``partition_size // warps`` tokens. ``min_blocks``: blocks an
+    SM must hold at once
     (so the compiler keeps to that many registers a thread; 0: its own choice); ``hint``: a
     cache qualifier for the loads of the cache."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
-    lines = head_dim // 64  # 128-byte lines of a row
     bounds = (threads, min_blocks) if min_blocks else threads
     pieces = head_dim // PIECE  # 16-byte pieces of a row
     k_pieces = pieces // 4  # K pieces a lane loads of each of its 2 tokens: t, t + 4, ...
@@ -247,6 +230,59 @@ def make_kernel(
                 else:
                     w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
                 v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
+
+    @cuda.jit(device=True, **INLINE)
+    def consume(k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted):
+        """Fold the tile from ``t0`` (its words in ``k_regs`` and ``v_regs``) into head
+        ``g``'s running maximum ``top``, this lane's share ``total`` of its exp sum and the
+        accumulators ``acc``; returns the new ``(top, total)``."""
+        # logits of head g, tokens 2t, 2t + 1 (s[0:2]) and 2t + 8, 2t + 9 (s[4:6])
+        for i in range(8):
+            s[i] = float32(0.0)
+        for i in range(k_pieces):
+            for h in range(2):
+                w = 4 * i + 2 * h
+                a0, a2 = q[w], q[w + 1]
+                for r in range(2):
+                    o = 4 * r
+                    b0, b1 = k_regs[o * k_pieces + w], k_regs[o * k_pieces + w + 1]
+                    s[o], s[o + 1], s[o + 2], s[o + 3] = v5._mma(
+                        a0, uint32(0), a2, uint32(0), b0, b1,
+                        s[o], s[o + 1], s[o + 2], s[o + 3], posted,
+                    )  # fmt: skip
+        step = NEG_INF
+        for i in range(4):
+            tok = t0 + 2 * t + (i & 1) + 8 * (i >> 1)
+            x = s[(i & 1) + 4 * (i >> 1)] * scale
+            p[i] = x if tok < end else NEG_INF
+            step = max(step, p[i])
+        step = max(step, _lane_value(step, lane ^ 1, swap))
+        step = max(step, _lane_value(step, lane ^ 2, swap))
+        new_top = max(top, step)
+        alpha = math.exp(top - new_top)
+        top = new_top
+        total *= alpha
+        for i in range(4):
+            p[i] = v5._round_f16(math.exp(p[i] - top))  # as the product sees it
+            total += p[i]
+        b0 = v5._pack_f16(p[0], p[1])
+        b1 = v5._pack_f16(p[2], p[3])
+        # rescale the sums of heads 2t and 2t + 1, then add this tile's
+        alpha0 = _lane_value(alpha, 8 * t, swap)
+        alpha1 = _lane_value(alpha, 8 * t + 4, swap)
+        for j in range(tiles_m):
+            u, w = j >> 2, j & 3
+            x0 = v_regs[4 * (0 * v_pieces + u) + w]
+            x1 = v_regs[4 * (1 * v_pieces + u) + w]
+            x2 = v_regs[4 * (2 * v_pieces + u) + w]
+            x3 = v_regs[4 * (3 * v_pieces + u) + w]
+            o = 4 * j
+            acc[o], acc[o + 1], acc[o + 2], acc[o + 3] = v5._mma(
+                _lows(x0, x1), _highs(x0, x1), _lows(x2, x3), _highs(x2, x3), b0, b1,
+                acc[o] * alpha0, acc[o + 1] * alpha1, acc[o + 2] * alpha0,
+                acc[o + 3] * alpha1, posted,
+            )  # fmt: skip
+        return top, total
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -306,10 +342,10 @@ def make_kernel(
             for i in range(k_pieces):
                 for w in range(4):
                     q[4 * i + w] = query_words[q_at + 4 * (t + 4 * i) + w] if lit else uint32(0)
-            k_cur = cuda.local.array(k_words, uint32)
-            v_cur = cuda.local.array(v_words, uint32)
-            k_nxt = cuda.local.array(k_words, uint32)
-            v_nxt = cuda.local.array(v_words, uint32)
+            k_even = cuda.local.array(k_words, uint32)
+            v_even = cuda.local.array(v_words, uint32)
+            k_odd = cuda.local.array(k_words, uint32)
+            v_odd = cuda.local.array(v_words, uint32)
             acc = cuda.local.array(acc_size, float32)
             for i in range(acc_size):
                 acc[i] = float32(0.0)
@@ -319,71 +355,29 @@ def make_kernel(
             total = float32(0.0)  # this lane's share of head g's exp sum
             head = kv_head * row
             load_tile(
-                k_cur, v_cur, key_words, value_words, ids, start, start, end, base, head, g, t
+                k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t
             )
-            for t0 in range(start, end, TILE):
-                if prefetch and t0 + prefetch * TILE < end:
-                    ahead = t0 + prefetch * TILE
-                    at = (ids[(ahead - start) >> shift] << shift) + (ahead & (block_size - 1))
-                    for i in range(lane, TILE * lines, WARP):
-                        line = (at + i // lines) * base + head + 32 * (i % lines)
-                        _prefetch(key_words, line)
-                        _prefetch(value_words, line)
-                if t0 + TILE < end:
+            for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
+                t1 = t0 + TILE
+                if t1 < end:
                     load_tile(
-                        k_nxt, v_nxt, key_words, value_words, ids, t0 + TILE, start, end,
-                        base, head, g, t,
+                        k_odd, v_odd, key_words, value_words, ids, t1, start, end, base,
+                        head, g, t,
                     )  # fmt: skip
-                # logits of head g, tokens 2t, 2t + 1 (s[0:2]) and 2t + 8, 2t + 9 (s[4:6])
-                for i in range(8):
-                    s[i] = float32(0.0)
-                for i in range(k_pieces):
-                    for h in range(2):
-                        w = 4 * i + 2 * h
-                        a0, a2 = q[w], q[w + 1]
-                        for r in range(2):
-                            o = 4 * r
-                            b0, b1 = k_cur[o * k_pieces + w], k_cur[o * k_pieces + w + 1]
-                            s[o], s[o + 1], s[o + 2], s[o + 3] = v5._mma(
-                                a0, uint32(0), a2, uint32(0), b0, b1,
-                                s[o], s[o + 1], s[o + 2], s[o + 3], posted,
-                            )  # fmt: skip
-                step = NEG_INF
-                for i in range(4):
-                    tok = t0 + 2 * t + (i & 1) + 8 * (i >> 1)
-                    x = s[(i & 1) + 4 * (i >> 1)] * scale
-                    p[i] = x if tok < end else NEG_INF
-                    step = max(step, p[i])
-                step = max(step, _lane_value(step, lane ^ 1, swap))
-                step = max(step, _lane_value(step, lane ^ 2, swap))
-                new_top = max(top, step)
-                alpha = math.exp(top - new_top)
-                top = new_top
-                total *= alpha
-                for i in range(4):
-                    p[i] = v5._round_f16(math.exp(p[i] - top))  # as the product sees it
-                    total += p[i]
-                b0 = v5._pack_f16(p[0], p[1])
-                b1 = v5._pack_f16(p[2], p[3])
-                # rescale the sums of heads 2t and 2t + 1, then add this tile's
-                alpha0 = _lane_value(alpha, 8 * t, swap)
-                alpha1 = _lane_value(alpha, 8 * t + 4, swap)
-                for j in range(tiles_m):
-                    u, w = j >> 2, j & 3
-                    x0 = v_cur[4 * (0 * v_pieces + u) + w]
-                    x1 = v_cur[4 * (1 * v_pieces + u) + w]
-                    x2 = v_cur[4 * (2 * v_pieces + u) + w]
-                    x3 = v_cur[4 * (3 * v_pieces + u) + w]
-                    o = 4 * j
-                    acc[o], acc[o + 1], acc[o + 2], acc[o + 3] = v5._mma(
-                        _lows(x0, x1), _highs(x0, x1), _lows(x2, x3), _highs(x2, x3), b0, b1,
-                        acc[o] * alpha0, acc[o + 1] * alpha1, acc[o + 2] * alpha0,
-                        acc[o + 3] * alpha1, posted,
+                top, total = consume(
+                    k_even, v_even, q, acc, s, p, t0, end, top, total, scale, lane, t,
+                    swap, posted,
+                )  # fmt: skip
+                if t1 < end:
+                    if t1 + TILE < end:
+                        load_tile(
+                            k_even, v_even, key_words, value_words, ids, t1 + TILE, start,
+                            end, base, head, g, t,
+                        )  # fmt: skip
+                    top, total = consume(
+                        k_odd, v_odd, q, acc, s, p, t1, end, top, total, scale, lane, t,
+                        swap, posted,
                     )  # fmt: skip
-                for i in range(k_words):
-                    k_cur[i] = k_nxt[i]
-                for i in range(v_words):
-                    v_cur[i] = v_nxt[i]
             total += _lane_value(total, lane ^ 1, swap)
             total += _lane_value(total, lane ^ 2, swap)
             # heads 2t and 2t + 1: their maxima and sums live in row groups 2t and 2t + 1
@@ -492,7 +486,6 @@ def launch_v6(
     a: v2.AttentionArgs,
     partition_size: int | None = None,
     warps: int = 1,
-    prefetch: int = PREFETCH_TILES,
     min_blocks: int = 0,
     hint: str = "",
 ) -> None:
@@ -515,7 +508,7 @@ def launch_v6(
     parts = -(-a.max_seq_len // partition_size)
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
     shared = shared_bytes(group, head_dim, block_size, partition_size // warps, warps)
-    kernel = make_kernel(group, head_dim, block_size, warps, prefetch, min_blocks, hint)
+    kernel = make_kernel(group, head_dim, block_size, warps, min_blocks, hint)
     args = (
         a.out,
         partial_out,
