@@ -628,9 +628,9 @@ def paged_attention(
 
     Runs ``fast_version``'s pick where there is one, else v1 or v2 by ``choose_version``
     (``threads`` then applies to them). ``partition_size`` None lets the version choose:
-    version 5 takes its partitions, blocks of several warps and merge by the batch
-    (``attention_v5.choose_launch``), the others ``PARTITION_SIZE``. All inputs are checked
-    before anything runs: ``InvalidRequest`` for shapes, dtypes and scalars,
+    versions 6 and 5 take their partitions and blocks of several warps by the batch (their
+    ``choose_launch``; version 5 its merge too), the others ``PARTITION_SIZE``. All inputs are
+    checked before anything runs: ``InvalidRequest`` for shapes, dtypes and scalars,
     ``InvalidBlockTable`` for block ids outside the cache and lengths the block table does not
     cover.
     """
