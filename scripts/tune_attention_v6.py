@@ -1,7 +1,7 @@
 """Version 6's launches on the benchmark's decode batches, beside version 5 (as
 ``paged_attention`` launches it), version 4 and SDPA, all in one run.
 
-    python3 scripts/tune_attention_v6.py [quick | small | versions]
+    python3 scripts/tune_attention_v6.py [quick | small | versions | heads]
 
 For each batch of ``minipaged bench attention``: version 6 with 1, 2, 4 and 8 warps a block,
 each warp walking 256 to 2,048 tokens (the partitions follow), checked against version 2's
@@ -9,7 +9,10 @@ output; then ``choose_launch``'s pick and ``paged_attention``'s. ``quick``: only
 of at least 64 x 4096 tokens, where the goal is SDPA's speed, with ``QUICK_LAUNCHES``, and
 ``VARIED_LAUNCHES`` with every variant of ``VARIANTS`` (register budget, cache qualifier);
 ``small``: the other batches, with ``SMALL_LAUNCHES``; ``versions``: every batch, with no
-sweep (SDPA, versions 5 and 4, and version 6 as ``choose_launch`` picks). Every figure is
+sweep (SDPA, versions 5 and 4, and version 6 as ``choose_launch`` picks; where that is
+``one_wave``'s launch, also the same wave with fewer kv heads a block, and ``several_waves``'
+launch); ``heads``: the batches of at least 64 x 4096 tokens with ``HEADS_LAUNCHES``, blocks
+over several kv heads (whose warps read neighbouring rows of the cache at once). Every figure is
 ``minipaged bench``'s median of CUDA-event timings, with its share of the copy bandwidth
 measured in the same run. Also prints each compiled kernel's registers and local memory a
 thread (local memory would mean the registers spilled).
@@ -33,6 +36,11 @@ RUNS = (256, 512, 1024, 2048)
 VARIANTS = ((0, ""), (12, ""), (0, ".L2::128B"), (0, ".L2::256B"), (0, ".L1::no_allocate"))
 QUICK_LAUNCHES = ((2, 2048), (4, 512), (4, 1024), (8, 512), (8, 1024))
 VARIED_LAUNCHES = ((4, 1024),)  # the launches each variant is tried on
+# (warps, tokens a warp walks, kv heads a block)
+HEADS_LAUNCHES = (
+    (4, 1024, 1), (8, 512, 1), (8, 1024, 2), (8, 512, 2), (4, 1024, 2), (8, 2048, 4),
+    (8, 1024, 4), (4, 1024, 4), (4, 2048, 4), (8, 1024, 8), (8, 512, 8), (8, 256, 8),
+)  # fmt: skip
 SMALL_LAUNCHES = tuple((w, r) for w in (1, 2, 4, 8) for r in (256, 512, 1024))
 
 
@@ -40,6 +48,8 @@ def main() -> None:
     quick = "quick" in sys.argv[1:]
     small = "small" in sys.argv[1:]
     versions = "versions" in sys.argv[1:]
+    heads = "heads" in sys.argv[1:]
+    quick = quick or heads
     timing = gpu.Timing()
     copy = gpu.copy_bandwidth(timing)
     print(f"{gpu.device_name()}; copy {copy:.0f} GB/s", flush=True)
@@ -50,7 +60,7 @@ def main() -> None:
         shapes = [s for s in shapes if s.seqs * s.context < 64 * 4096]
     for i, shape in enumerate(shapes):
         a = gpu.attention_inputs(shape, seed=100 + i)
-        tune(shape, a, copy, timing, quick, small, versions)
+        tune(shape, a, copy, timing, quick, small, versions, heads)
     for name, info in _kernels():
         print(name, info)
 
@@ -63,6 +73,7 @@ def tune(
     quick: bool = False,
     small: bool = False,
     versions: bool = False,
+    heads: bool = False,
 ) -> None:
     """One batch: SDPA, version 5 (and 4 for 32/32), version 6's launches and its pick."""
     attention.launch_v2(a)
@@ -89,22 +100,25 @@ def tune(
         report("v4", lambda: attention_v4.launch_v4(a))
     best = None
     if quick:
-        launches = [(w, r, *VARIANTS[0]) for w, r in QUICK_LAUNCHES]
-        launches += [(w, r, *x) for w, r in VARIED_LAUNCHES for x in VARIANTS[1:]]
+        launches = [(w, r, 1, *VARIANTS[0]) for w, r in QUICK_LAUNCHES]
+        launches += [(w, r, 1, *x) for w, r in VARIED_LAUNCHES for x in VARIANTS[1:]]
     else:
         runs = SMALL_LAUNCHES if small else [(w, r) for w in WARPS for r in RUNS]
-        launches = [(w, r, *VARIANTS[0]) for w, r in runs]
+        launches = [(w, r, 1, *VARIANTS[0]) for w, r in runs]
+    if heads:
+        launches = [(w, r, h, *VARIANTS[0]) for w, r, h in HEADS_LAUNCHES]
     if versions:
         launches = []
-    for warps, run, occ, hint in launches:
-        if warps * run > 2 * shape.context and run > 256:
+    for warps, run, kv, occ, hint in launches:
+        partition = warps // kv * run
+        if partition > 2 * shape.context and run > 256:
             continue
-        name = f"v6 {warps} x {run}, {occ or '-'} warps/SM {hint}"
+        name = f"v6 {warps} x {run} over {kv}, {occ or '-'} warps/SM {hint}"
         try:
             ms = report(
                 name,
-                lambda p=warps * run, w=warps, b=occ // warps, h=hint: attention_v6.launch_v6(
-                    a, p, w, b, h
+                lambda p=partition, w=warps, b=occ // warps, h=hint, k=kv: attention_v6.launch_v6(
+                    a, p, w, k, b, h
                 ),
             )
         except Exception as e:  # noqa: BLE001
@@ -114,6 +128,17 @@ def tune(
             best = (ms, name)
     pick = attention_v6.choose_launch(shape.seqs, shape.kv_heads, shape.context, 16)
     report(f"v6 choose_launch {pick}", lambda: attention_v6.launch_v6(a))
+    one = attention_v6.one_wave(shape.seqs, shape.kv_heads, shape.context, 16)
+    if one:  # the same wave with fewer kv heads a block, and the launch it replaced
+        partition, warps, kv = one
+        while kv > 1:
+            warps, kv = warps // 2, kv // 2
+            report(
+                f"v6 one wave ({partition}, {warps}, {kv})",
+                lambda w=warps, k=kv: attention_v6.launch_v6(a, partition, w, k),
+            )
+        several = attention_v6.several_waves(shape.seqs, shape.kv_heads, shape.context, 16)
+        report(f"v6 several waves {several}", lambda: attention_v6.launch_v6(a, *several))
     picked = attention.fast_version(
         shape.dtype, shape.heads, shape.kv_heads, shape.head_dim, shape.block_size,
         small_grid=attention_v5.small_grid(shape.seqs, shape.kv_heads, shape.context),
@@ -134,7 +159,7 @@ def _kernels() -> list[tuple[str, str]]:
         for compiled in kernel.overloads.values():
             regs = compiled.regs_per_thread
             local = compiled.local_mem_per_thread
-            rows.append((f"v6 {key} (group, head_dim, block, warps, min blocks, hint)",
+            rows.append((f"v6 {key} (group, head_dim, block, warps, min blocks, hint, heads)",
                          f"{regs} registers, {local} bytes of local memory"))  # fmt: skip
     return rows
 
@@ -145,9 +170,10 @@ def _compiled() -> list[tuple[Any, ...]]:
     for group in (1, 4):
         for warps in WARPS:
             for occ, hint in VARIANTS:
-                key = (group, 128, 16, warps, occ // warps, hint)
-                if attention_v6.make_kernel(*key).overloads:
-                    seen.append(key)
+                for heads in (1, 2, 4, 8):
+                    key = (group, 128, 16, warps, occ // warps, hint, heads)
+                    if attention_v6.make_kernel(*key).overloads:
+                        seen.append(key)
     return seen
 
 

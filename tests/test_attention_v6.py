@@ -5,8 +5,8 @@ GPU, with real 16-byte loads, warp shuffles and ``mma.sync``).
 The kernel renames dimensions so that each lane's loads are whole 16-byte pieces of a row;
 these tests check that the renaming is the same for Q and K, and that V's output lands in the
 dimensions it came from: shapes drawn by Hypothesis with several tiles, blocks and partitions,
-2 and 4 warps a block (runs past a short sequence's end), a partly filled last block whose
-unused slots hold NaN, and 1 to 8 query heads per kv head.
+2 and 4 warps a block (runs past a short sequence's end) over one or two kv heads, a partly
+filled last block whose unused slots hold NaN, and 1 to 8 query heads per kv head.
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ from minipaged.kernels.attention_v6 import paged_attention_v6, supports
 
 @st.composite
 def cases(draw):  # noqa: ANN001, ANN201
-    """(args, partition_size, warps) for one launch version 6 supports; every sequence's last
-    block holds NaN past its end."""
+    """(args, partition_size, warps, heads) for one launch version 6 supports; every
+    sequence's last block holds NaN past its end."""
     head_dim = draw(st.sampled_from([64, 128]))
     group = draw(st.sampled_from([1, 3, 4, 8]))
     kv_heads = draw(st.integers(1, 2))
     block_size = draw(st.sampled_from([16, 32]))
     warps = draw(st.sampled_from([1, 2, 4]))
-    partition = block_size * warps * draw(st.integers(1, 2))
+    heads = draw(st.sampled_from([h for h in (1, 2) if kv_heads % h == 0 and warps % h == 0]))
+    partition = block_size * warps // heads * draw(st.integers(1, 2))
     lens = draw(st.lists(st.integers(1, 80), min_size=1, max_size=2))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     tables, num_blocks = random_tables(rng, lens, block_size)
@@ -57,16 +58,17 @@ def cases(draw):  # noqa: ANN001, ANN201
         np.array(lens, np.int32),
         draw(st.sampled_from([head_dim**-0.5, 2.0])),
     )
-    return args, partition, warps
+    return args, partition, warps, heads
 
 
 @settings(max_examples=12, deadline=None)
 @given(cases())
 def test_v6_matches_reference(case: tuple) -> None:
-    args, partition, warps = case
+    args, partition, warps, heads = case
     out = paged_attention_v6(
-        *args, partition_size=partition, warps=warps, out=np.full_like(args[0], np.nan)
-    )
+        *args, partition_size=partition, warps=warps, heads=heads,
+        out=np.full_like(args[0], np.nan),
+    )  # fmt: skip
     close(out, expected(args), np.float16)
 
 
@@ -100,17 +102,26 @@ def test_paged_attention_runs_v6_wherever_it_serves(monkeypatch) -> None:  # noq
 
 
 def test_choose_launch_keeps_runs_whole_and_grids_full() -> None:
-    """Every pick is a shape ``supports`` takes; a big batch gets one partition a sequence of
-    up to 8 warps of 1,024 tokens, each with tokens to walk; a small one runs shorter (so more
-    warps) down to 256."""
+    """Every pick is a shape ``supports`` takes. A batch whose (sequence, kv head) pairs fill
+    the GPU's 132 x 8 warp places in one wave gets one: one partition a sequence, each pair
+    walked by as many warps as fit, blocks of 8 warps over neighbouring kv heads. Other big
+    batches get one partition a sequence of up to 8 warps of 1,024 tokens, each with tokens to
+    walk; a small one runs shorter (so more warps) down to 256."""
     for seqs, context in ((1, 32768), (8, 16384), (64, 4096), (256, 1024), (3, 17), (1, 1)):
-        for kv_heads in (8, 32):
-            partition, warps = attention_v6.choose_launch(seqs, kv_heads, context, 16)
-            assert supports(np.float16, 32, kv_heads, 128, 16, partition, warps) is None
-    assert attention_v6.choose_launch(64, 8, 4096, 16) == (4096, 4)
-    assert attention_v6.choose_launch(32, 8, 8192, 16) == (8192, 8)
-    assert attention_v6.choose_launch(256, 8, 1024, 16) == (1024, 1)
-    assert attention_v6.choose_launch(1, 8, 32768, 16) == (2048, 8)
+        for kv_heads in (8, 32, 3):
+            partition, warps, heads = attention_v6.choose_launch(seqs, kv_heads, context, 16)
+            reason = supports(np.float16, 4 * kv_heads, kv_heads, 128, 16, partition, warps, heads)
+            assert reason is None
+    assert attention_v6.choose_launch(64, 8, 4096, 16) == (4096, 8, 4)  # 1,024 warps
+    assert attention_v6.choose_launch(128, 8, 2048, 16) == (2048, 8, 8)
+    assert attention_v6.choose_launch(32, 8, 8192, 16) == (8192, 8, 2)
+    assert attention_v6.choose_launch(32, 32, 8192, 16) == (8192, 8, 8)
+    assert attention_v6.choose_launch(96, 11, 4000, 16) == (4000, 1, 1)  # 11: a prime
+    assert attention_v6.choose_launch(256, 8, 1024, 16) == (1024, 1, 1)  # 2,048 pairs
+    assert attention_v6.choose_launch(64, 32, 4096, 16) == (4096, 4, 1)
+    assert attention_v6.choose_launch(8, 8, 16384, 16) == (4096, 8, 1)  # half the places
+    assert attention_v6.choose_launch(1, 8, 32768, 16) == (2048, 8, 1)
+    assert attention_v6.one_wave(8, 32, 16384, 16) is None  # a partition too long
 
 
 @pytest.mark.parametrize(
@@ -121,10 +132,17 @@ def test_choose_launch_keeps_runs_whole_and_grids_full() -> None:
         ((np.float16, 4, 1, 32, 16, 16), "multiple of 64"),
         ((np.float16, 4, 1, 64, 8, 16), "whole 16-token tiles"),
         ((np.float16, 4, 1, 64, 16, 24), "multiple of 1 x block_size"),
+        ((np.float16, 8, 2, 64, 16, 48, 4, 2), "multiple of 2 x block_size"),
+        ((np.float16, 8, 2, 64, 16, 32, 4, 2), None),
+        ((np.float16, 8, 2, 64, 16, 32, 2, 4), "must divide both warps = 2"),
+        ((np.float16, 12, 3, 64, 16, 32, 2, 2), "and num_kv_heads = 3"),
     ],
 )
-def test_supports_says_why_not(shape: tuple, reason: str) -> None:
-    assert reason in supports(*shape)
+def test_supports_says_why_not(shape: tuple, reason: str | None) -> None:
+    if reason is None:
+        assert supports(*shape) is None
+    else:
+        assert reason in supports(*shape)
 
 
 def test_a_shape_it_cannot_serve_is_refused_before_anything_runs() -> None:

@@ -82,7 +82,7 @@ def runners(
 
 @pytest.mark.parametrize(
     ("dtype", "config", "num_new", "fork_at", "swap_at"),
-    [(np.float32, CONFIG, 32, 6, 14), (np.float16, SMALL, 12, 2, 5)],  # float16: shorter, cheaper
+    [(np.float32, CONFIG, 24, 6, 14), (np.float16, SMALL, 12, 2, 5)],  # float16: shorter, cheaper
     ids=["float32", "float16"],
 )
 def test_generation_matches_contiguous_cache_through_fork_and_swap(

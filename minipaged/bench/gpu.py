@@ -241,7 +241,7 @@ def bench_attention(
             attention_v6.launch_v6(a, *how6)
             row["v6_vs_v2"] = max_difference(a.out, v2_out)
             row["v6_ms"] = time_ms(lambda a=a, h=how6: attention_v6.launch_v6(a, *h), timing)
-            row["v6_partition"], row["v6_warps"] = how6
+            row["v6_partition"], row["v6_warps"], row["v6_heads"] = how6
         small = attention_v5.small_grid(shape.seqs, shape.kv_heads, shape.context)
         row["picked"] = attention.fast_version(*args, small_grid=small)
         del a, v2_out

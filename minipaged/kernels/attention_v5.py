@@ -331,41 +331,46 @@ def merge_scratch_floats(
 
 
 @functools.cache
-def make_combine_warps(group: int, head_dim: int, warps: int) -> Any:
-    """The device function that combines the runs of a block's ``warps`` warps, each over
-    ``group`` query heads of ``head_dim`` values (versions 5 and 6 share it)."""
+def make_combine_warps(group: int, head_dim: int, warps: int, heads: int = 1) -> Any:
+    """The device function that combines the runs of a block's ``warps`` warps over ``heads``
+    consecutive kv heads, each of ``group`` query heads of ``head_dim`` values: warp ``w``
+    walks a run of kv head ``w % heads`` (versions 5 and 6 share it)."""
     threads = warps * WARP
+    runs = warps // heads  # runs of each kv head
     outputs = group * head_dim
 
     @cuda.jit(device=True, **INLINE)
     def combine_warps(
-        out, partial_out, max_logits, exp_sums, runs, stride, seq, kv_head, part, alone
+        out, partial_out, max_logits, exp_sums, slots, stride, seq, kv_head, part, alone
     ):
-        """After a barrier: the block's ``warps`` runs, warp ``w``'s at ``runs[w * stride:]``
-        as ``[output (head-major) | maxima | exp sums]``, into the partition's partial result,
-        as a merge of partitions does it: with ``M`` the largest maximum, run ``w`` weighs
-        ``l_w exp(m_w - M)``. A warp whose run lies past the sequence's end left weight 0.
-        With ``alone`` (the sequence's only partition) the result is the output itself."""
-        for o in range(cuda.threadIdx.x, outputs, threads):
-            h = o // head_dim
+        """After a barrier: the block's runs, warp ``w``'s at ``slots[w * stride:]`` as
+        ``[output (head-major) | maxima | exp sums]``, into the partition's partial result of
+        kv heads ``kv_head`` to ``kv_head + heads - 1``, as a merge of partitions does it: with
+        ``M`` the largest maximum, run ``w`` weighs ``l_w exp(m_w - M)``. A warp whose run lies
+        past the sequence's end left weight 0. With ``alone`` (the sequence's only partition)
+        the result is the output itself."""
+        for o in range(cuda.threadIdx.x, heads * outputs, threads):
+            first = o // outputs  # warps first, first + heads, ... walked this kv head
+            h = (o - first * outputs) // head_dim
+            d = o - first * outputs - h * head_dim
             top = NEG_INF
-            for w in range(warps):
-                top = max(top, runs[w * stride + outputs + h])
+            for r in range(runs):
+                top = max(top, slots[(r * heads + first) * stride + outputs + h])
             total = float32(0.0)
             acc = float32(0.0)
-            for w in range(warps):
-                at = w * stride
-                weight = runs[at + outputs + group + h] * math.exp(runs[at + outputs + h] - top)
+            for r in range(runs):
+                at = (r * heads + first) * stride
+                weight = slots[at + outputs + group + h] * math.exp(slots[at + outputs + h] - top)
                 total += weight
-                acc += weight * runs[at + o]
-            d = o - h * head_dim
+                acc += weight * slots[at + h * head_dim + d]
+            head = (kv_head + first) * group + h
             if alone:
-                out[seq, kv_head * group + h, d] = acc / total
+                out[seq, head, d] = acc / total
                 continue
-            partial_out[seq, kv_head * group + h, part, d] = acc / total
+            partial_out[seq, head, part, d] = acc / total
             if d == 0:
-                max_logits[seq, kv_head * group + h, part] = top
-                exp_sums[seq, kv_head * group + h, part] = total
+                max_logits[seq, head, part] = top
+                exp_sums[seq, head, part] = total
 
     return combine_warps
 

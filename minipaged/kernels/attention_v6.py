@@ -161,12 +161,14 @@ def _highs(a, b):
     return uint32((a >> uint32(16)) | (b & HI))
 
 
-def shared_bytes(group: int, head_dim: int, block_size: int, sub: int, warps: int) -> int:
-    """Dynamic shared memory of a block of ``warps`` warps walking ``sub`` tokens each: each
-    warp's block numbers, then (several warps) each warp's ``[output | maxima | sums]`` for
-    ``combine_warps``, then the simulator's meeting places."""
+def shared_bytes(
+    group: int, head_dim: int, block_size: int, sub: int, warps: int, heads: int = 1
+) -> int:
+    """Dynamic shared memory of a block of ``warps`` warps over ``heads`` kv heads, walking
+    ``sub`` tokens each: each warp's block numbers, then (several runs a kv head) each warp's
+    ``[output | maxima | sums]`` for ``combine_warps``, then the simulator's meeting places."""
     ids = warps * -(-(sub // block_size) // 4) * 4
-    runs = warps * (group * head_dim + 2 * group) if warps > 1 else 0
+    runs = warps * (group * head_dim + 2 * group) if warps > heads else 0
     return 4 * (ids + runs + warps * (SWAP + POSTED))
 
 
@@ -178,13 +180,14 @@ def make_kernel(
     warps: int = 1,
     min_blocks: int = 0,
     hint: str = "",
+    heads: int = 1,
 ) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
-    warps a block, each walking ``partition_size // warps`` tokens. ``min_blocks``: blocks an
-    SM must hold at once
-    (so the compiler keeps to that many registers a thread; 0: its own choice); ``hint``: a
-    cache qualifier for the loads of the cache."""
+    warps a block over ``heads`` consecutive kv heads: warp ``w`` walks run ``w // heads``, of
+    ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
+    blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
+    its own choice); ``hint``: a cache qualifier for the loads of the cache."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -200,7 +203,8 @@ def make_kernel(
     shift = block_size.bit_length() - 1
     outputs = group * head_dim
     slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
-    combine_warps = v5.make_combine_warps(group, head_dim, warps)
+    runs = warps // heads  # runs of a kv head, each combine_warps' to merge
+    combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
 
     @cuda.jit(device=True, **INLINE)
     def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
@@ -298,20 +302,20 @@ def make_kernel(
         scale,
         partition_size,
     ):
-        """Grid ``(num_kv_heads, num_seqs, num_partitions)``, ``warps`` warps a block; writes
-        what version 2's partition kernel writes for the ``group`` query heads of kv head
-        ``blockIdx.x``, or for a sequence of one partition its output."""
-        kv_head = cuda.blockIdx.x
+        """Grid ``(num_kv_heads // heads, num_seqs, num_partitions)``, ``warps`` warps a block;
+        writes what version 2's partition kernel writes for the ``group`` query heads of kv
+        heads ``heads * blockIdx.x`` on, or for a sequence of one partition its output."""
         seq = cuda.blockIdx.y
         part = cuda.blockIdx.z
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
+        kv_head = cuda.blockIdx.x * heads + warp % heads
         seq_len = seq_lens[seq]
         if part * partition_size >= seq_len:
             return
         alone = cuda.gridDim.z == 1  # one partition a sequence: no merge, the output itself
-        sub = partition_size // warps
-        start = part * partition_size + warp * sub
+        sub = partition_size // runs
+        start = part * partition_size + warp // heads * sub
         end = min(start + sub, seq_len)
         num_heads = partial_out.shape[1]
         kv_heads = num_heads // group
@@ -323,7 +327,7 @@ def make_kernel(
         # [ids | runs (several warps) | swap | posted], each warp's share of each in turn
         id_words = -(-(sub >> shift) // 4) * 4
         runs_at = warps * id_words
-        swap_at = runs_at + (warps * slot if warps > 1 else 0)
+        swap_at = runs_at + (warps * slot if runs > 1 else 0)
         smem = cuda.shared.array(0, float32)
         ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
         swap = smem[swap_at : swap_at + warps * SWAP]  # (the simulator's)
@@ -391,7 +395,7 @@ def make_kernel(
                     if head < group:
                         dim = PIECE * (g + 8 * u) + 2 * w + (i >> 1)
                         x = acc[4 * j + i] / sums[i & 1]
-                        if warps > 1:
+                        if runs > 1:
                             run[head * head_dim + dim] = x
                         elif alone:
                             out[seq, kv_head * group + head, dim] = x
@@ -401,21 +405,21 @@ def make_kernel(
                 for i in range(2):
                     head = 2 * t + i
                     if head < group:
-                        if warps > 1:
+                        if runs > 1:
                             run[outputs + head] = tops[i]
                             run[outputs + group + head] = sums[i]
                         elif not alone:
                             max_logits[seq, kv_head * group + head, part] = tops[i]
                             exp_sums[seq, kv_head * group + head, part] = sums[i]
-        elif warps > 1:  # a run past the sequence's end weighs nothing
+        elif runs > 1:  # a run past the sequence's end weighs nothing
             run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
             for i in range(lane, slot, WARP):
                 run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
-        if warps > 1:
+        if runs > 1:
             cuda.syncthreads()
             combine_warps(
-                out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq, kv_head,
-                part, alone,
+                out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq,
+                cuda.blockIdx.x * heads, part, alone,
             )  # fmt: skip
 
     return paged_attention_v6_kernel
@@ -432,83 +436,135 @@ def supports(
     block_size: int,
     partition_size: int,
     warps: int = 1,
+    heads: int = 1,
 ) -> str | None:
     """None when version 6 can run this shape, else the reason it cannot: float16, at most 8
     query heads per kv head, head_dim a multiple of 64 (each of a row group's 8 row groups
-    loads whole 16-byte pieces of V), blocks of whole 16-token tiles, partitions of whole
-    blocks for each of 1 to ``MAX_WARPS`` warps, shared memory within the 48 KB a launch gets
-    by default, or ``v5.OPT_IN_SHARED_BYTES`` for several warps."""
+    loads whole 16-byte pieces of V), blocks of whole 16-token tiles, ``warps`` (1 to
+    ``MAX_WARPS``) a whole number of runs of each of ``heads`` kv heads, which divide the kv
+    heads, partitions of whole blocks for each run, shared memory within the 48 KB a launch
+    gets by default, or ``v5.OPT_IN_SHARED_BYTES`` for several warps."""
     reason = v5.tensor_core_reason(
         6, dtype, num_heads, num_kv_heads, head_dim, 64, block_size, warps
     )
     if reason:
         return reason
-    if partition_size % (warps * block_size):
+    if heads < 1 or warps % heads or num_kv_heads % heads:
         return (
-            f"partition_size = {partition_size} is not a multiple of {warps} x block_size = "
-            f"{warps * block_size} (each of {warps} warps walks whole blocks)"
+            f"heads = {heads} kv heads a block must divide both warps = {warps} and "
+            f"num_kv_heads = {num_kv_heads}"
+        )
+    runs = warps // heads
+    if partition_size % (runs * block_size):
+        return (
+            f"partition_size = {partition_size} is not a multiple of {runs} x block_size = "
+            f"{runs * block_size} (each of {runs} runs of a kv head walks whole blocks)"
         )
     group = num_heads // num_kv_heads
-    need = shared_bytes(group, head_dim, block_size, partition_size // warps, warps)
+    need = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
     limit = v2.SHARED_BYTES if warps == 1 else v5.OPT_IN_SHARED_BYTES
     if need > limit:
         return f"{need} bytes of shared memory per thread block, more than {limit}"
     return None
 
 
-RUN_TOKENS = 1024  # tokens a warp walks, at most
+RUN_TOKENS = 1024  # tokens a warp walks, at most, when the batch takes several waves
 MIN_RUN_TOKENS = 256  # and at least, however few blocks the grid has
 LAUNCH_WARPS = 8  # warps a block, at most
+SM_WARPS = 8  # warps an SM holds at 255 registers a thread
+ONE_WAVE_FILL = 0.9  # share of the GPU's warp places a one-wave launch must fill
 
 
 def choose_launch(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int
-) -> tuple[int, int]:
-    """``(partition_size, warps)`` for a batch: blocks of up to ``LAUNCH_WARPS`` warps, each
-    walking up to ``RUN_TOKENS`` tokens, shorter runs (down to ``MIN_RUN_TOKENS``) while the
-    grid has fewer warps than the GPU has SMs times 8.
+) -> tuple[int, int, int]:
+    """``(partition_size, warps, heads)`` for a batch: ``one_wave``'s launch where there is
+    one, else ``several_waves``'."""
+    return one_wave(num_seqs, num_kv_heads, max_seq_len, block_size) or several_waves(
+        num_seqs, num_kv_heads, max_seq_len, block_size
+    )
+
+
+def several_waves(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int
+) -> tuple[int, int, int]:
+    """``(partition_size, warps, 1)``: blocks of up to ``LAUNCH_WARPS`` warps over one kv
+    head, each walking up to ``RUN_TOKENS`` tokens, shorter runs (down to ``MIN_RUN_TOKENS``)
+    while the grid has fewer warps than the GPU has SMs times ``SM_WARPS``.
 
     So a sequence of up to 8,192 tokens is one partition whose warps all have tokens to walk:
     no merge, and no warp holding an SM's registers for nothing. On an H100 (docs/
-    benchmarks.md) that was the fastest launch, or within 1% of it, from 32 x 8k to 256 x 1k;
-    blocks with idle warps (a partition longer than the sequence) lost 10 to 20%, since at 255
-    registers a thread an SM holds only 8 warps."""
+    benchmarks.md) that was the fastest launch of one kv head a block, or within 1% of it, from
+    32 x 8k to 256 x 1k; blocks with idle warps (a partition longer than the sequence) lost 10
+    to 20%, since at 255 registers a thread an SM holds only ``SM_WARPS`` warps."""
     sub = max(block_size, min(RUN_TOKENS, -(-max_seq_len // block_size) * block_size))
     while num_seqs * num_kv_heads * -(
         -max_seq_len // sub
-    ) < 8 * v5.multiprocessors() and sub // 2 >= max(MIN_RUN_TOKENS, block_size):
+    ) < SM_WARPS * v5.multiprocessors() and sub // 2 >= max(MIN_RUN_TOKENS, block_size):
         sub //= 2
     warps = max(1, min(LAUNCH_WARPS, -(-max_seq_len // sub)))
-    return warps * sub, warps
+    return warps * sub, warps, 1
+
+
+def one_wave(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int
+) -> tuple[int, int, int] | None:
+    """``(partition_size, warps, heads)`` of a launch whose warps all run at once and fill at
+    least ``ONE_WAVE_FILL`` of the GPU's places for them, each (sequence, kv head) walked by the
+    most runs (up to ``LAUNCH_WARPS``) that still fit, in one partition; None where there is no
+    such launch (too many pairs, too few, or a partition longer than launches take).
+
+    Why: a launch of several waves ends with a wave that does not fill the GPU, and at the
+    start of each wave every warp waits for its first loads with nothing else to do. On an
+    H100 (docs/benchmarks.md) 64 x 4096 (grouped, 512 pairs) ran 1.3% faster as 1,024 warps of
+    2,048 tokens in one wave than as 2,048 warps of 1,024 tokens in two. A block holds the
+    runs of ``heads`` neighbouring kv heads, so that its warps read neighbouring rows of the
+    cache together."""
+    places = SM_WARPS * v5.multiprocessors()
+    pairs = num_seqs * num_kv_heads
+    runs = min(LAUNCH_WARPS, places // pairs) if pairs else 0
+    if runs < 1 or pairs * runs < ONE_WAVE_FILL * places:
+        return None
+    sub = -(-max_seq_len // (runs * block_size)) * block_size  # whole blocks a run
+    if runs * sub > v2.V1_MAX_CONTEXT:
+        return None
+    heads = LAUNCH_WARPS // runs
+    while num_kv_heads % heads:
+        heads //= 2
+    return runs * sub, runs * heads, heads
 
 
 def launch_v6(
     a: v2.AttentionArgs,
     partition_size: int | None = None,
     warps: int = 1,
+    heads: int = 1,
     min_blocks: int = 0,
     hint: str = "",
 ) -> None:
     """Launch version 6 on checked inputs: the partition kernel, then (for sequences of several
     partitions) version 5's merge kernel. ``partition_size`` None: ``choose_launch``'s pick
-    (and its warps)."""
+    (and its warps and heads)."""
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     if partition_size is None:
-        partition_size, warps = choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size)
+        partition_size, warps, heads = choose_launch(num_seqs, kv_heads, a.max_seq_len, block_size)
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
+    heads = v.check_int("heads", heads, 1, MAX_WARPS)
     reason = supports(
-        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps
-    )
+        a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
+        heads,
+    )  # fmt: skip
     if reason:
         raise InvalidRequest(reason)
     v5.check_aligned(a)
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
     partial_out, max_logits, exp_sums = a.workspace(partition_size)
-    shared = shared_bytes(group, head_dim, block_size, partition_size // warps, warps)
-    kernel = make_kernel(group, head_dim, block_size, warps, min_blocks, hint)
+    runs = warps // heads
+    shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
+    kernel = make_kernel(group, head_dim, block_size, warps, min_blocks, hint, heads)
     args = (
         a.out,
         partial_out,
@@ -523,7 +579,7 @@ def launch_v6(
         partition_size,
     )
     v5.allow_shared(kernel, args, shared)
-    kernel[(kv_heads, num_seqs, parts), warps * WARP, 0, shared](*args)
+    kernel[(kv_heads // heads, num_seqs, parts), warps * WARP, 0, shared](*args)
     if parts > 1:
         v5.merge_partitions(a, partition_size, v5.MERGE_THREADS)
 
@@ -538,6 +594,7 @@ def paged_attention_v6(
     partition_size: int | None = None,
     out: Any = None,
     warps: int = 1,
+    heads: int = 1,
 ) -> Any:
     """Version 6 (the cache loaded straight into the tensor cores' registers). Arguments as
     for ``paged_attention``, and ``launch_v6``'s; ``InvalidRequest`` for a shape ``supports``
@@ -545,5 +602,5 @@ def paged_attention_v6(
     if partition_size is not None:
         v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     a = v2.prepare_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, out)
-    launch_v6(a, partition_size, warps)
+    launch_v6(a, partition_size, warps, heads)
     return a.result()
