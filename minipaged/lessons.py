@@ -655,6 +655,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--file", help="the file to check (default: lessons/NN_name/exercise.py)")
     c.add_argument("--reference", action="store_true", help="check the library's own code")
     c.add_argument("--examples", type=int, help="cap Hypothesis examples per test (faster)")
+    c.add_argument(
+        "--no-shrink",
+        action="store_true",
+        help="report failing examples as found, unshrunk (faster; shrinking a failure can "
+        "take a minute)",
+    )
     c.add_argument("-v", "--verbose", action="store_true", help="show every failing test")
     c.set_defaults(func=_check)
 
@@ -671,7 +677,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         lesson = find_lesson(args.number)
         file = ROOT / lesson.reference if args.reference else args.file
-        result = check(lesson.number, file, args.examples)
+        result = check(lesson.number, file, args.examples, shrink=not args.no_shrink)
     except InvalidRequest as e:
         print(f"minipaged lesson check: error: {e}", file=sys.stderr)
         return 2

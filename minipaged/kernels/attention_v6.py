@@ -42,9 +42,10 @@ after next can start until the next tile has landed: written so, the kernel need
 of the tile two ahead prefetched into L2 and was still 3 to 4% slower, docs/benchmarks.md;
 taking turns, a prefetch only slows it down.) Two sets are all a warp can hold: at 255
 registers a thread an SM runs 8 warps, and forcing more makes the compiler spill (measured in
-docs/benchmarks.md). A thread block is ``warps`` warps; each walks its own run of the
-partition and the runs are combined in shared memory at the end, as version 5 does;
-sequences of several partitions then go through version 5's merge kernel.
+docs/benchmarks.md). A thread block is ``warps`` warps over ``heads`` neighbouring kv heads
+(so that its warps read neighbouring rows of the cache at once); each walks its own run of
+its kv head's partition and the runs of a kv head are combined in shared memory at the end,
+as version 5 does; sequences of several partitions then go through version 5's merge kernel.
 
 Slots of the last block past the sequence's end may hold NaN: their K rows are not loaded
 (their logits are set to minus infinity) and their V rows are loaded as zeros, so that a zero
@@ -516,7 +517,7 @@ def one_wave(
 
     Why: a launch of several waves ends with a wave that does not fill the GPU, and at the
     start of each wave every warp waits for its first loads with nothing else to do. On an
-    H100 (docs/benchmarks.md) 64 x 4096 (grouped, 512 pairs) ran 1.3% faster as 1,024 warps of
+    H100 (docs/benchmarks.md) 64 x 4096 (grouped, 512 pairs) ran 1.2% faster as 1,024 warps of
     2,048 tokens in one wave than as 2,048 warps of 1,024 tokens in two. A block holds the
     runs of ``heads`` neighbouring kv heads, so that its warps read neighbouring rows of the
     cache together."""
