@@ -350,20 +350,21 @@ def make_combine_warps(group: int, head_dim: int, warps: int, heads: int = 1) ->
         past the sequence's end left weight 0. With ``alone`` (the sequence's only partition)
         the result is the output itself."""
         for o in range(cuda.threadIdx.x, heads * outputs, threads):
-            first = o // outputs  # warps first, first + heads, ... walked this kv head
-            h = (o - first * outputs) // head_dim
-            d = o - first * outputs - h * head_dim
+            k = o // outputs  # the block's kv head k: warps k, k + heads, ... walked it
+            rest = o - k * outputs  # query head h's dimension d, head-major
+            h = rest // head_dim
+            d = rest - h * head_dim
             top = NEG_INF
             for r in range(runs):
-                top = max(top, slots[(r * heads + first) * stride + outputs + h])
+                top = max(top, slots[(r * heads + k) * stride + outputs + h])
             total = float32(0.0)
             acc = float32(0.0)
             for r in range(runs):
-                at = (r * heads + first) * stride
+                at = (r * heads + k) * stride
                 weight = slots[at + outputs + group + h] * math.exp(slots[at + outputs + h] - top)
                 total += weight
-                acc += weight * slots[at + h * head_dim + d]
-            head = (kv_head + first) * group + h
+                acc += weight * slots[at + rest]
+            head = (kv_head + k) * group + h
             if alone:
                 out[seq, head, d] = acc / total
                 continue

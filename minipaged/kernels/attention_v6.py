@@ -310,7 +310,8 @@ def make_kernel(
         part = cuda.blockIdx.z
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
-        kv_head = cuda.blockIdx.x * heads + warp % heads
+        block_head = cuda.blockIdx.x * heads  # the block's first kv head
+        kv_head = block_head + warp % heads
         seq_len = seq_lens[seq]
         if part * partition_size >= seq_len:
             return
@@ -420,7 +421,7 @@ def make_kernel(
             cuda.syncthreads()
             combine_warps(
                 out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq,
-                cuda.blockIdx.x * heads, part, alone,
+                block_head, part, alone,
             )  # fmt: skip
 
     return paged_attention_v6_kernel
