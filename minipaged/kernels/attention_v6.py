@@ -174,67 +174,31 @@ def shared_bytes(
 
 
 @functools.cache
-def make_kernel(
-    group: int,
-    head_dim: int,
-    block_size: int,
-    warps: int = 1,
-    min_blocks: int = 0,
-    hint: str = "",
-    heads: int = 1,
-) -> Any:
-    """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
-    values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
-    warps a block over ``heads`` consecutive kv heads: warp ``w`` walks run ``w // heads``, of
-    ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
-    blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
-    its own choice); ``hint``: a cache qualifier for the loads of the cache."""
-    _load16 = _make_load16(hint)
-    threads = warps * WARP
-    bounds = (threads, min_blocks) if min_blocks else threads
-    pieces = head_dim // PIECE  # 16-byte pieces of a row
-    k_pieces = pieces // 4  # K pieces a lane loads of each of its 2 tokens: t, t + 4, ...
-    v_pieces = pieces // 8  # V pieces a lane loads of each of its 4 tokens: g, g + 8, ...
-    row = head_dim // 2  # words of a row
-    k_words = 2 * 4 * k_pieces  # a lane's words of a tile, of K and of V alike
-    v_words = 4 * 4 * v_pieces
-    tiles_m = head_dim // 16  # m tiles of V^T: a word of V per tile and token
-    q_words = 4 * k_pieces
-    acc_size = 4 * tiles_m
-    shift = block_size.bit_length() - 1
-    outputs = group * head_dim
-    slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
-    runs = warps // heads  # runs of a kv head, each combine_warps' to merge
-    combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
+def make_load_query(group: int, head_dim: int) -> Any:
+    """The device function that loads lane ``(g, t)``'s query registers: pieces ``t + 4 i`` of
+    query head ``g`` of the kv head, in the order its K words come (zeros for ``g >= group``;
+    versions 6 and 7 share it)."""
+    k_pieces = head_dim // PIECE // 4
 
     @cuda.jit(device=True, **INLINE)
-    def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
-        """Start the loads of the tile of 16 tokens from ``t0``: K pieces ``t + 4 i`` of tokens
-        ``g`` and ``g + 8``, V pieces ``g + 8 u`` of tokens ``2t, 2t + 1, 2t + 8, 2t + 9``;
-        the words of tokens past ``end`` are zeros (no load). ``start``: the run's first
-        token (on a block boundary); ``base``: words from one token's row to the next;
-        ``head``: the kv head's first word in a row."""
-        first = (ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))
-        for r in range(2):
-            tok = g + 8 * r
-            at = (first + tok) * base + head
-            for i in range(k_pieces):
-                o = 4 * (r * k_pieces + i)
-                if t0 + tok < end:
-                    w0, w1, w2, w3 = _load16(key_words, at + PIECE // 2 * (t + 4 * i))
-                else:
-                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-                k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
-        for r in range(4):
-            tok = 2 * t + (r & 1) + 8 * (r >> 1)
-            at = (first + tok) * base + head
-            for u in range(v_pieces):
-                o = 4 * (r * v_pieces + u)
-                if t0 + tok < end:
-                    w0, w1, w2, w3 = _load16(value_words, at + PIECE // 2 * (g + 8 * u))
-                else:
-                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-                v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
+    def load_query(q, query_words, seq, num_heads, kv_head, g, t):
+        lit = g < group
+        q_at = ((seq * num_heads + kv_head * group + (g if lit else 0)) * head_dim) // 2
+        for i in range(k_pieces):
+            for w in range(4):
+                q[4 * i + w] = query_words[q_at + 4 * (t + 4 * i) + w] if lit else uint32(0)
+
+    return load_query
+
+
+@functools.cache
+def make_consume(group: int, head_dim: int) -> Any:
+    """The device function that folds one tile of 16 tokens, already in a lane's registers as
+    ``load_tile`` leaves them, into its heads' running softmax and sums (versions 6 and 7
+    share it)."""
+    k_pieces = head_dim // PIECE // 4
+    v_pieces = head_dim // PIECE // 8
+    tiles_m = head_dim // 16
 
     @cuda.jit(device=True, **INLINE)
     def consume(k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted):
@@ -289,6 +253,124 @@ def make_kernel(
             )  # fmt: skip
         return top, total
 
+    return consume
+
+
+@functools.cache
+def make_write_run(group: int, head_dim: int, several: bool) -> Any:
+    """The device function that ends a warp's run: its exp sums added up over each row group's
+    4 lanes, then its output (the sums divided out), maxima and sums written where they go:
+    with ``several`` runs a kv head, into the warp's slot ``run`` as ``[output (head-major) |
+    maxima | sums]`` for ``combine_warps``; else, for a sequence of one partition (``alone``),
+    the output itself, or the partition's partial result (versions 6 and 7 share it)."""
+    tiles_m = head_dim // 16
+    outputs = group * head_dim
+
+    @cuda.jit(device=True, **INLINE)
+    def write_run(
+        out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head, part, alone,
+        lane, swap,
+    ):  # fmt: skip
+        g = lane >> 2
+        t = lane & 3
+        total += _lane_value(total, lane ^ 1, swap)
+        total += _lane_value(total, lane ^ 2, swap)
+        # heads 2t and 2t + 1: their maxima and sums live in row groups 2t and 2t + 1
+        tops = (_lane_value(top, 8 * t, swap), _lane_value(top, 8 * t + 4, swap))
+        sums = (_lane_value(total, 8 * t, swap), _lane_value(total, 8 * t + 4, swap))
+        for j in range(tiles_m):
+            u, w = j >> 2, j & 3
+            for i in range(4):
+                head = 2 * t + (i & 1)
+                if head < group:
+                    dim = PIECE * (g + 8 * u) + 2 * w + (i >> 1)
+                    x = acc[4 * j + i] / sums[i & 1]
+                    if several:
+                        run[head * head_dim + dim] = x
+                    elif alone:
+                        out[seq, kv_head * group + head, dim] = x
+                    else:
+                        partial_out[seq, kv_head * group + head, part, dim] = x
+        if g == 0:
+            for i in range(2):
+                head = 2 * t + i
+                if head < group:
+                    if several:
+                        run[outputs + head] = tops[i]
+                        run[outputs + group + head] = sums[i]
+                    elif not alone:
+                        max_logits[seq, kv_head * group + head, part] = tops[i]
+                        exp_sums[seq, kv_head * group + head, part] = sums[i]
+
+    return write_run
+
+
+@functools.cache
+def make_kernel(
+    group: int,
+    head_dim: int,
+    block_size: int,
+    warps: int = 1,
+    min_blocks: int = 0,
+    hint: str = "",
+    heads: int = 1,
+) -> Any:
+    """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
+    values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
+    warps a block over ``heads`` consecutive kv heads: warp ``w`` walks run ``w // heads``, of
+    ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
+    blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
+    its own choice); ``hint``: a cache qualifier for the loads of the cache."""
+    _load16 = _make_load16(hint)
+    threads = warps * WARP
+    bounds = (threads, min_blocks) if min_blocks else threads
+    pieces = head_dim // PIECE  # 16-byte pieces of a row
+    k_pieces = pieces // 4  # K pieces a lane loads of each of its 2 tokens: t, t + 4, ...
+    v_pieces = pieces // 8  # V pieces a lane loads of each of its 4 tokens: g, g + 8, ...
+    row = head_dim // 2  # words of a row
+    k_words = 2 * 4 * k_pieces  # a lane's words of a tile, of K and of V alike
+    v_words = 4 * 4 * v_pieces
+    tiles_m = head_dim // 16  # m tiles of V^T: a word of V per tile and token
+    q_words = 4 * k_pieces
+    acc_size = 4 * tiles_m
+    shift = block_size.bit_length() - 1
+    outputs = group * head_dim
+    slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
+    runs = warps // heads  # runs of a kv head, each combine_warps' to merge
+    combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
+    load_query = make_load_query(group, head_dim)
+    consume = make_consume(group, head_dim)
+    write_run = make_write_run(group, head_dim, runs > 1)
+
+    @cuda.jit(device=True, **INLINE)
+    def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
+        """Start the loads of the tile of 16 tokens from ``t0``: K pieces ``t + 4 i`` of tokens
+        ``g`` and ``g + 8``, V pieces ``g + 8 u`` of tokens ``2t, 2t + 1, 2t + 8, 2t + 9``;
+        the words of tokens past ``end`` are zeros (no load). ``start``: the run's first
+        token (on a block boundary); ``base``: words from one token's row to the next;
+        ``head``: the kv head's first word in a row."""
+        first = (ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))
+        for r in range(2):
+            tok = g + 8 * r
+            at = (first + tok) * base + head
+            for i in range(k_pieces):
+                o = 4 * (r * k_pieces + i)
+                if t0 + tok < end:
+                    w0, w1, w2, w3 = _load16(key_words, at + PIECE // 2 * (t + 4 * i))
+                else:
+                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
+                k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
+        for r in range(4):
+            tok = 2 * t + (r & 1) + 8 * (r >> 1)
+            at = (first + tok) * base + head
+            for u in range(v_pieces):
+                o = 4 * (r * v_pieces + u)
+                if t0 + tok < end:
+                    w0, w1, w2, w3 = _load16(value_words, at + PIECE // 2 * (g + 8 * u))
+                else:
+                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
+                v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
+
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
         out,
@@ -341,13 +423,8 @@ def make_kernel(
             for i in range(lane, blocks, WARP):
                 ids[i] = table[first_block + i]
             v5._syncwarp()
-            lit = g < group
-            # query head g's pieces t + 4 i, in the order the K words come
             q = cuda.local.array(q_words, uint32)
-            q_at = ((seq * num_heads + kv_head * group + (g if lit else 0)) * head_dim) // 2
-            for i in range(k_pieces):
-                for w in range(4):
-                    q[4 * i + w] = query_words[q_at + 4 * (t + 4 * i) + w] if lit else uint32(0)
+            load_query(q, query_words, seq, num_heads, kv_head, g, t)
             k_even = cuda.local.array(k_words, uint32)
             v_even = cuda.local.array(v_words, uint32)
             k_odd = cuda.local.array(k_words, uint32)
@@ -384,35 +461,11 @@ def make_kernel(
                         k_odd, v_odd, q, acc, s, p, t1, end, top, total, scale, lane, t,
                         swap, posted,
                     )  # fmt: skip
-            total += _lane_value(total, lane ^ 1, swap)
-            total += _lane_value(total, lane ^ 2, swap)
-            # heads 2t and 2t + 1: their maxima and sums live in row groups 2t and 2t + 1
-            tops = (_lane_value(top, 8 * t, swap), _lane_value(top, 8 * t + 4, swap))
-            sums = (_lane_value(total, 8 * t, swap), _lane_value(total, 8 * t + 4, swap))
             run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
-            for j in range(tiles_m):
-                u, w = j >> 2, j & 3
-                for i in range(4):
-                    head = 2 * t + (i & 1)
-                    if head < group:
-                        dim = PIECE * (g + 8 * u) + 2 * w + (i >> 1)
-                        x = acc[4 * j + i] / sums[i & 1]
-                        if runs > 1:
-                            run[head * head_dim + dim] = x
-                        elif alone:
-                            out[seq, kv_head * group + head, dim] = x
-                        else:
-                            partial_out[seq, kv_head * group + head, part, dim] = x
-            if g == 0:
-                for i in range(2):
-                    head = 2 * t + i
-                    if head < group:
-                        if runs > 1:
-                            run[outputs + head] = tops[i]
-                            run[outputs + group + head] = sums[i]
-                        elif not alone:
-                            max_logits[seq, kv_head * group + head, part] = tops[i]
-                            exp_sums[seq, kv_head * group + head, part] = sums[i]
+            write_run(
+                out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
+                part, alone, lane, swap,
+            )  # fmt: skip
         elif runs > 1:  # a run past the sequence's end weighs nothing
             run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
             for i in range(lane, slot, WARP):
