@@ -85,6 +85,24 @@ def test_mma_multiplies_fragments_laid_out_by_the_maps() -> None:
 ONE_WARP = st.just(1)
 
 
+def nan_past_end_args(
+    rng: np.random.Generator, lens: list[int], group: int, kv_heads: int, head_dim: int,
+    block_size: int,
+) -> tuple:  # fmt: skip
+    """(query, key_cache, value_cache, tables, lens) of float16 for sequences of ``lens``
+    tokens on shuffled blocks, every sequence's last block holding NaN past its end."""
+    tables, num_blocks = random_tables(rng, lens, block_size)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = rng.standard_normal(shape).astype(np.float16)
+    value_cache = rng.standard_normal(shape).astype(np.float16)
+    for s, n in enumerate(lens):
+        last = tables[s, (n - 1) // block_size]
+        key_cache[last, (n - 1) % block_size + 1 :] = np.nan
+        value_cache[last, (n - 1) % block_size + 1 :] = np.nan
+    query = rng.standard_normal((len(lens), group * kv_heads, head_dim)).astype(np.float16)
+    return query, key_cache, value_cache, tables, np.array(lens, np.int32)
+
+
 @st.composite
 def cases(draw, warps=ONE_WARP):  # noqa: ANN001, ANN201
     """(args, partition_size, stages, merge_threads, warps) for one launch version 5 supports;
@@ -99,22 +117,8 @@ def cases(draw, warps=ONE_WARP):  # noqa: ANN001, ANN201
     stages = draw(st.integers(2, 4))
     lens = draw(st.lists(st.integers(1, 72), min_size=1, max_size=2))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    tables, num_blocks = random_tables(rng, lens, block_size)
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    key_cache = rng.standard_normal(shape).astype(np.float16)
-    value_cache = rng.standard_normal(shape).astype(np.float16)
-    for s, n in enumerate(lens):
-        last = tables[s, (n - 1) // block_size]
-        key_cache[last, (n - 1) % block_size + 1 :] = np.nan
-        value_cache[last, (n - 1) % block_size + 1 :] = np.nan
-    args = (
-        rng.standard_normal((len(lens), group * kv_heads, head_dim)).astype(np.float16),
-        key_cache,
-        value_cache,
-        tables,
-        np.array(lens, np.int32),
-        draw(st.sampled_from([head_dim**-0.5, 2.0])),
-    )
+    args = nan_past_end_args(rng, lens, group, kv_heads, head_dim, block_size)
+    args = (*args, draw(st.sampled_from([head_dim**-0.5, 2.0])))
     merge = draw(st.sampled_from([None, attention_v5.IN_KERNEL, 16, 32, 64]))
     return args, partition, stages, merge, w
 

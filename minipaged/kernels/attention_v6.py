@@ -589,6 +589,26 @@ def one_wave(
     return runs * sub, runs * heads, heads
 
 
+def kernel_args(a: v2.AttentionArgs, partition_size: int) -> tuple[Any, ...]:
+    """The partition kernel's arguments (versions 6 and 7 take the same): the output, the
+    partition workspace, the query and both caches as 32-bit words, the tables, lengths,
+    scale and partition size."""
+    partial_out, max_logits, exp_sums = a.workspace(partition_size)
+    return (
+        a.out,
+        partial_out,
+        max_logits,
+        exp_sums,
+        a.query.reshape(a.query.size).view(np.uint32),
+        a.key_cache.reshape(a.key_cache.size).view(np.uint32),
+        a.value_cache.reshape(a.value_cache.size).view(np.uint32),
+        a.block_tables,
+        a.seq_lens,
+        a.scale,
+        partition_size,
+    )
+
+
 def launch_v6(
     a: v2.AttentionArgs,
     partition_size: int | None = None,
@@ -616,23 +636,10 @@ def launch_v6(
     v5.check_aligned(a)
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
-    partial_out, max_logits, exp_sums = a.workspace(partition_size)
     runs = warps // heads
     shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
     kernel = make_kernel(group, head_dim, block_size, warps, min_blocks, hint, heads)
-    args = (
-        a.out,
-        partial_out,
-        max_logits,
-        exp_sums,
-        a.query.reshape(a.query.size).view(np.uint32),
-        a.key_cache.reshape(a.key_cache.size).view(np.uint32),
-        a.value_cache.reshape(a.value_cache.size).view(np.uint32),
-        a.block_tables,
-        a.seq_lens,
-        a.scale,
-        partition_size,
-    )
+    args = kernel_args(a, partition_size)
     v5.allow_shared(kernel, args, shared)
     kernel[(kv_heads // heads, num_seqs, parts), warps * WARP, 0, shared](*args)
     if parts > 1:
