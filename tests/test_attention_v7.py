@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attention_v4 import close, expected, random_tables
+from test_attention_v4 import close, expected
+from test_attention_v5 import nan_past_end_args
 
 from minipaged.errors import InvalidRequest
 from minipaged.kernels.attention_v7 import paged_attention_v7, supports
@@ -35,22 +36,8 @@ def cases(draw):  # noqa: ANN001, ANN201
     partition = block_size * warps // heads * draw(st.integers(1, 3))
     lens = draw(st.lists(st.integers(1, 80), min_size=1, max_size=2))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    tables, num_blocks = random_tables(rng, lens, block_size)
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    key_cache = rng.standard_normal(shape).astype(np.float16)
-    value_cache = rng.standard_normal(shape).astype(np.float16)
-    for s, n in enumerate(lens):
-        last = tables[s, (n - 1) // block_size]
-        key_cache[last, (n - 1) % block_size + 1 :] = np.nan
-        value_cache[last, (n - 1) % block_size + 1 :] = np.nan
-    args = (
-        rng.standard_normal((len(lens), group * kv_heads, head_dim)).astype(np.float16),
-        key_cache,
-        value_cache,
-        tables,
-        np.array(lens, np.int32),
-        draw(st.sampled_from([head_dim**-0.5, 2.0])),
-    )
+    args = nan_past_end_args(rng, lens, group, kv_heads, head_dim, block_size)
+    args = (*args, draw(st.sampled_from([head_dim**-0.5, 2.0])))
     return args, partition, warps, heads, stages
 
 

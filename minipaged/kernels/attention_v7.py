@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 from numba import config, cuda, float32, int32, uint32, uint64
 
 from minipaged.errors import InvalidRequest
@@ -485,22 +484,9 @@ def launch_v7(
     v5.check_aligned(a)
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
-    partial_out, max_logits, exp_sums = a.workspace(partition_size)
     shared = shared_bytes(group, head_dim, block_size, partition_size, warps, stages)
     kernel = make_kernel(group, head_dim, block_size, warps, heads, stages)
-    args = (
-        a.out,
-        partial_out,
-        max_logits,
-        exp_sums,
-        a.query.reshape(a.query.size).view(np.uint32),
-        a.key_cache.reshape(a.key_cache.size).view(np.uint32),
-        a.value_cache.reshape(a.value_cache.size).view(np.uint32),
-        a.block_tables,
-        a.seq_lens,
-        a.scale,
-        partition_size,
-    )
+    args = v6.kernel_args(a, partition_size)
     v5.allow_shared(kernel, args, shared)
     kernel[(kv_heads // heads, num_seqs, parts), warps * WARP, 0, shared](*args)
     if parts > 1:
