@@ -48,7 +48,7 @@ def cases(draw):  # noqa: ANN001, ANN201
     return args, partition, warps, heads
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(cases())
 def test_v6_matches_reference(case: tuple) -> None:
     args, partition, warps, heads = case

@@ -41,7 +41,7 @@ def cases(draw):  # noqa: ANN001, ANN201
     return args, partition, warps, heads, stages
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(cases())
 def test_v7_matches_reference(case: tuple) -> None:
     args, partition, warps, heads, stages = case

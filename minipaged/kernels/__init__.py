@@ -28,7 +28,8 @@ Kernels (host wrappers validate everything before launching; see ``validate.py``
 - ``swap_blocks``: block copies between device and (pinned) host caches;
 - ``paged_attention`` (dispatching to ``paged_attention_v1``, ``paged_attention_v2``,
   ``paged_attention_v3``, ``paged_attention_v4`` or ``paged_attention_v5``), ``paged_attention_v6``
-  (the cache loaded straight into the tensor cores' registers) and ``paged_attention_naive``:
+  (the cache loaded straight into the tensor cores' registers), ``paged_attention_v7`` (the
+  cache through shared memory by bulk copies, sm_90) and ``paged_attention_naive``:
   decode attention over the paged cache.
 """
 
@@ -43,6 +44,7 @@ from minipaged.kernels.attention_v3 import paged_attention_v3
 from minipaged.kernels.attention_v4 import paged_attention_v4
 from minipaged.kernels.attention_v5 import paged_attention_v5
 from minipaged.kernels.attention_v6 import paged_attention_v6
+from minipaged.kernels.attention_v7 import paged_attention_v7
 from minipaged.kernels.cache_ops import copy_blocks, reshape_and_cache, swap_blocks
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "paged_attention_v4",
     "paged_attention_v5",
     "paged_attention_v6",
+    "paged_attention_v7",
     "reshape_and_cache",
     "swap_blocks",
 ]
