@@ -192,6 +192,42 @@ def make_load_query(group: int, head_dim: int) -> Any:
 
 
 @functools.cache
+def make_read_tile(head_dim: int, load: Any) -> Any:
+    """The device function that fills lane ``(g, t)``'s registers with a tile of 16 tokens:
+    K pieces ``t + 4 i`` of tokens ``g`` and ``g + 8``, V pieces ``g + 8 u`` of tokens ``2t,
+    2t + 1, 2t + 8, 2t + 9`` (the order ``make_consume`` folds them in), each 16 bytes by
+    ``load(words, at)``; the words of tokens past ``end`` are zeros (no load). The tile's
+    first K row starts at ``k_words[k_at]`` and its first V row at ``v_words[v_at]``, the
+    next rows ``stride`` words on: version 6 reads the cache in global memory, version 7 a
+    copy of it in shared memory."""
+    k_pieces = head_dim // PIECE // 4
+    v_pieces = head_dim // PIECE // 8
+
+    @cuda.jit(device=True, **INLINE)
+    def read_tile(k_regs, v_regs, k_words, k_at, v_words, v_at, stride, t0, end, g, t):
+        for r in range(2):
+            tok = g + 8 * r
+            for i in range(k_pieces):
+                o = 4 * (r * k_pieces + i)
+                if t0 + tok < end:
+                    w0, w1, w2, w3 = load(k_words, k_at + tok * stride + PIECE // 2 * (t + 4 * i))
+                else:
+                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
+                k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
+        for r in range(4):
+            tok = 2 * t + (r & 1) + 8 * (r >> 1)
+            for u in range(v_pieces):
+                o = 4 * (r * v_pieces + u)
+                if t0 + tok < end:
+                    w0, w1, w2, w3 = load(v_words, v_at + tok * stride + PIECE // 2 * (g + 8 * u))
+                else:
+                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
+                v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
+
+    return read_tile
+
+
+@functools.cache
 def make_consume(group: int, head_dim: int) -> Any:
     """The device function that folds one tile of 16 tokens, already in a lane's registers as
     ``load_tile`` leaves them, into its heads' running softmax and sums (versions 6 and 7
@@ -342,34 +378,15 @@ def make_kernel(
     consume = make_consume(group, head_dim)
     write_run = make_write_run(group, head_dim, runs > 1)
 
+    read_tile = make_read_tile(head_dim, _load16)
+
     @cuda.jit(device=True, **INLINE)
     def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
-        """Start the loads of the tile of 16 tokens from ``t0``: K pieces ``t + 4 i`` of tokens
-        ``g`` and ``g + 8``, V pieces ``g + 8 u`` of tokens ``2t, 2t + 1, 2t + 8, 2t + 9``;
-        the words of tokens past ``end`` are zeros (no load). ``start``: the run's first
-        token (on a block boundary); ``base``: words from one token's row to the next;
-        ``head``: the kv head's first word in a row."""
-        first = (ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))
-        for r in range(2):
-            tok = g + 8 * r
-            at = (first + tok) * base + head
-            for i in range(k_pieces):
-                o = 4 * (r * k_pieces + i)
-                if t0 + tok < end:
-                    w0, w1, w2, w3 = _load16(key_words, at + PIECE // 2 * (t + 4 * i))
-                else:
-                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-                k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
-        for r in range(4):
-            tok = 2 * t + (r & 1) + 8 * (r >> 1)
-            at = (first + tok) * base + head
-            for u in range(v_pieces):
-                o = 4 * (r * v_pieces + u)
-                if t0 + tok < end:
-                    w0, w1, w2, w3 = _load16(value_words, at + PIECE // 2 * (g + 8 * u))
-                else:
-                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-                v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
+        """Start the loads of the tile of 16 tokens from ``t0`` (``read_tile``'s pieces).
+        ``start``: the run's first token (on a block boundary); ``base``: words from one
+        token's row to the next; ``head``: the kv head's first word in a row."""
+        at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
+        read_tile(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(

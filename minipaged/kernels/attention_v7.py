@@ -261,6 +261,7 @@ def make_kernel(
     load_query = v6.make_load_query(group, head_dim)
     consume = v6.make_consume(group, head_dim)
     write_run = v6.make_write_run(group, head_dim, runs > 1)
+    read_tile = v6.make_read_tile(head_dim, _shared16)
 
     @cuda.jit(device=True, **INLINE)
     def issue(n, ring, first, bars, key_words, value_words, ids, blocks, base, head):
@@ -280,31 +281,6 @@ def make_kernel(
             src = (ids[n * runs + r] * block_size + tok) * base + head
             _fence_async()
             _bulk(ring, first + b * buffer + c * wide, words, src, uint32(4 * wide), bars, b)
-
-    @cuda.jit(device=True, **INLINE)
-    def read_tile(k_regs, v_regs, ring, at, t0, end, g, t):
-        """Lane ``(g, t)``'s words of the tile of 16 tokens from ``t0``, whose K rows start at
-        ``ring[at]`` (``wide`` words apart) and V rows ``block_size`` rows after: the pieces
-        version 6's ``load_tile`` loads, zeros for tokens past ``end``."""
-        for r in range(2):
-            tok = g + 8 * r
-            for i in range(k_pieces):
-                o = 4 * (r * k_pieces + i)
-                if t0 + tok < end:
-                    w0, w1, w2, w3 = _shared16(ring, at + tok * wide + PIECE // 2 * (t + 4 * i))
-                else:
-                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-                k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
-        v_at = at + block_size * wide
-        for r in range(4):
-            tok = 2 * t + (r & 1) + 8 * (r >> 1)
-            for u in range(v_pieces):
-                o = 4 * (r * v_pieces + u)
-                if t0 + tok < end:
-                    w0, w1, w2, w3 = _shared16(ring, v_at + tok * wide + PIECE // 2 * (g + 8 * u))
-                else:
-                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-                v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": threads}))
     def paged_attention_v7_kernel(
@@ -395,7 +371,9 @@ def make_kernel(
                 for j in range(tiles):
                     t0 = start + mine * block_size + j * TILE
                     if t0 < end:
-                        read_tile(k_regs, v_regs, words, at + j * TILE * wide, t0, end, g, t)
+                        k_at = at + j * TILE * wide
+                        v_at = k_at + block_size * wide
+                        read_tile(k_regs, v_regs, words, k_at, words, v_at, wide, t0, end, g, t)
                         top, total = consume(
                             k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane,
                             t, swap, posted,
