@@ -55,78 +55,13 @@ WARP = attention_v5.WARP
 
 @functools.cache
 def _ptx() -> dict[str, Any]:
-    """The PTX statements the probes need, as Numba intrinsics: the bulk and tensor copies and
-    the ``mbarrier`` they complete."""
+    """The PTX statements the probes need, as Numba intrinsics: version 7's bulk copy and the
+    ``mbarrier`` it completes, and a tensor copy."""
     from llvmlite import ir
     from numba.core import types
     from numba.cuda.extending import intrinsic
 
-    i32, i64 = ir.IntType(32), ir.IntType(64)
-
-    def address(context: Any, builder: Any, ty: Any, array: Any, index: Any) -> Any:
-        data = context.make_array(ty)(context, builder, array).data
-        return builder.ptrtoint(builder.gep(data, [index]), i64)
-
-    def statement(builder: Any, text: str, args: list[Any], kinds: str) -> None:
-        fn = ir.FunctionType(ir.VoidType(), [a.type for a in args])
-        builder.asm(fn, text, ",".join([*kinds, "~{memory}"]), args, True)
-
-    @intrinsic
-    def bar_init(typingctx, bars, i):  # noqa: ANN001, ANN202
-        """Make ``bars[i]`` (shared memory) an ``mbarrier`` waiting for one arrival a phase."""
-        sig = types.void(bars, types.uint64)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            statement(
-                builder,
-                "{ .reg .u64 s; cvta.to.shared.u64 s, $0; mbarrier.init.shared::cta.b64 [s], 1; "
-                "fence.mbarrier_init.release.cluster; }",
-                [address(context, builder, sig.args[0], args[0], args[1])],
-                "l",
-            )
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def expect(typingctx, bars, i, nbytes):  # noqa: ANN001, ANN202
-        """Arrive at ``bars[i]``, which then completes its phase once ``nbytes`` have landed."""
-        sig = types.void(bars, types.uint64, types.uint32)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            statement(
-                builder,
-                "{ .reg .u64 s, st; cvta.to.shared.u64 s, $0; "
-                "mbarrier.arrive.expect_tx.shared::cta.b64 st, [s], $1; }",
-                [address(context, builder, sig.args[0], args[0], args[1]), args[2]],
-                "lr",
-            )
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def bulk(typingctx, ring, at, words, src, nbytes, bars, i):  # noqa: ANN001, ANN202
-        """Start copying ``nbytes`` from word ``src`` of a global array to word ``at`` of a
-        shared one; their landing counts towards ``bars[i]``."""
-        sig = types.void(ring, types.uint64, words, types.uint64, types.uint32, bars, types.uint64)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            dst = address(context, builder, sig.args[0], args[0], args[1])
-            src_ = address(context, builder, sig.args[2], args[2], args[3])
-            bar = address(context, builder, sig.args[5], args[5], args[6])
-            statement(
-                builder,
-                "{ .reg .u64 d, g, b; cvta.to.shared.u64 d, $0; cvta.to.global.u64 g, $1; "
-                "cvta.to.shared.u64 b, $3; "
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
-                "[d], [g], $2, [b]; }",
-                [dst, src_, args[4], bar],
-                "llrl",
-            )
-            return context.get_dummy_value()
-
-        return sig, codegen
+    from minipaged.kernels import attention_v7 as v7
 
     @intrinsic
     def tensor_copy5(typingctx, ring, at, tmap, x, y, z, w, v, bars, i):  # noqa: ANN001, ANN202
@@ -137,10 +72,11 @@ def _ptx() -> dict[str, Any]:
         sig = types.void(ring, types.uint64, tmap, i32, i32, i32, i32, i32, bars, types.uint64)
 
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            dst = address(context, builder, sig.args[0], args[0], args[1])
-            desc = address(context, builder, sig.args[2], args[2], ir.Constant(i64, 0))
-            bar = address(context, builder, sig.args[8], args[8], args[9])
-            statement(
+            dst = v7._address(context, builder, sig.args[0], args[0], args[1])
+            start = ir.Constant(ir.IntType(64), 0)
+            desc = v7._address(context, builder, sig.args[2], args[2], start)
+            bar = v7._address(context, builder, sig.args[8], args[8], args[9])
+            v7._statement(
                 builder,
                 "{ .reg .u64 d, b; cvta.to.shared.u64 d, $0; cvta.to.shared.u64 b, $7; "
                 "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
@@ -152,56 +88,14 @@ def _ptx() -> dict[str, Any]:
 
         return sig, codegen
 
-    @intrinsic
-    def shared_at(typingctx, ring):  # noqa: ANN001, ANN202
-        """The shared-memory address of ``ring[0]``."""
-        sig = types.uint64(ring)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            fn = ir.FunctionType(i64, [i64])
-            at = address(context, builder, sig.args[0], args[0], ir.Constant(i64, 0))
-            return builder.asm(fn, "cvta.to.shared.u64 $0, $1;", "=l,l", [at], False)
-
-        return sig, codegen
-
-    @intrinsic
-    def landed(typingctx, bars, i, parity):  # noqa: ANN001, ANN202
-        """1 once ``bars[i]`` has completed the phase of this parity, else 0 (it may wait a
-        little in hardware before saying 0)."""
-        sig = types.uint32(bars, types.uint64, types.uint32)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            fn = ir.FunctionType(i32, [i64, i32])
-            return builder.asm(
-                fn,
-                "{ .reg .u64 s; .reg .pred p; cvta.to.shared.u64 s, $1; "
-                "mbarrier.try_wait.parity.shared::cta.b64 p, [s], $2; selp.u32 $0, 1, 0, p; }",
-                "=r,l,r,~{memory}",
-                [address(context, builder, sig.args[0], args[0], args[1]), args[2]],
-                True,
-            )
-
-        return sig, codegen
-
-    @intrinsic
-    def fence_async(typingctx):  # noqa: ANN001, ANN202
-        """Order this thread's shared-memory reads before later bulk copies' writes."""
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            fn = ir.FunctionType(ir.VoidType(), [])
-            builder.asm(fn, "fence.proxy.async.shared::cta;", "~{memory}", [], True)
-            return context.get_dummy_value()
-
-        return types.void(), codegen
-
     return dict(
-        bar_init=bar_init,
-        expect=expect,
-        bulk=bulk,
-        landed=landed,
-        fence_async=fence_async,
+        bar_init=v7._bar_init,
+        expect=v7._expect,
+        bulk=v7._bulk,
+        landed=v7._landed,
+        fence_async=v7._fence_async,
         tensor_copy5=tensor_copy5,
-        shared_at=shared_at,
+        shared_at=v7._shared_at,
     )
 
 
