@@ -2,11 +2,14 @@
 decode batches of at least 64 x 4096 tokens, beside SDPA and version 6 as ``paged_attention``
 launches it, all in one run.
 
-    python3 scripts/tune_attention_v7.py [batch ...]
+    python3 scripts/tune_attention_v7.py [parts] [batch ...]
 
 ``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` to run only those. For each batch: SDPA on
 a contiguous cache, version 6 (``choose_launch``'s pick), then version 7 with each launch of
-``LAUNCHES`` that ``supports`` takes, each checked against version 2's output. Every figure is
+``LAUNCHES`` that ``supports`` takes, each checked against version 2's output. With ``parts``,
+version 7 with each launch of ``PARTS`` instead, whole, reading the ring but folding nothing,
+and the copies alone (``make_kernel``'s ``fold`` and ``read_back``): where its time goes,
+the copies' share beside the ring of ``probe_read.py`` in the same grid. Every figure is
 ``minipaged bench``'s median of CUDA-event timings, with its share of the copy bandwidth
 measured in the same run. Also prints each compiled kernel's registers and local memory a
 thread.
@@ -28,10 +31,14 @@ LAUNCHES = (
     (8, 4, 3, 1), (8, 4, 2, 1), (8, 8, 3, 2), (8, 8, 3, 1), (8, 2, 3, 1),
     (4, 2, 3, 1), (4, 4, 3, 1), (4, 2, 2, 1), (4, 4, 2, 2), (2, 2, 3, 1), (2, 1, 3, 1),
 )  # fmt: skip
+# one partition a sequence; the first is version 6's pick at 64 x 4096, 32/8
+PARTS = ((8, 4, 3), (2, 1, 3), (4, 2, 2))
 
 
 def main() -> None:
     wanted = sys.argv[1:]
+    parts = "parts" in wanted
+    wanted = [w for w in wanted if w != "parts"]
     timing = gpu.Timing()
     copy = gpu.copy_bandwidth(timing)
     print(f"{gpu.device_name()}; copy {copy:.0f} GB/s", flush=True)
@@ -39,7 +46,8 @@ def main() -> None:
         name = f"{shape.seqs}x{shape.context}/{shape.kv_heads}"
         if shape.seqs * shape.context < 64 * 4096 or (wanted and name not in wanted):
             continue
-        tune(shape, gpu.attention_inputs(shape, seed=100 + i), copy, timing)
+        a = gpu.attention_inputs(shape, seed=100 + i)
+        (time_parts if parts else tune)(shape, a, copy, timing)
     for key, kernel in _compiled():
         for compiled in kernel.overloads.values():
             print(f"v7 {key}: {compiled.regs_per_thread} registers, "
@@ -96,12 +104,50 @@ def tune(shape: gpu.AttentionShape, a: attention.AttentionArgs, copy: float, tim
         print(f"  best: {best[0]}: {sdpa / best[1]:.3f}x SDPA", flush=True)
 
 
+def time_parts(
+    shape: gpu.AttentionShape, a: attention.AttentionArgs, copy: float, timing: Any
+) -> None:
+    """One batch: SDPA, version 6's pick, then each launch of ``PARTS`` whole, with its folds
+    left out, and with the copies alone."""
+    print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
+
+    def report(name: str, launch: Any) -> None:
+        ms = gpu.time_ms(launch, timing)
+        share = shape.kv_bytes() / ms / 1e6 / copy
+        print(f"  {name:44s} {1e3 * ms:8.1f} us  {100 * share:5.1f}%", flush=True)
+
+    sdpa = gpu.sdpa_ms(shape, timing)
+    if sdpa:
+        share = shape.kv_bytes() / sdpa / 1e6 / copy
+        print(f"  {'SDPA (contiguous cache)':44s} {1e3 * sdpa:8.1f} us  {100 * share:5.1f}%")
+    report("v6", lambda: attention_v6.launch_v6(a))
+    for warps, heads, stages in PARTS:
+        whole = warps // heads * shape.block_size
+        partition = -(-shape.context // whole) * whole
+        reason = attention_v7.supports(
+            shape.dtype, shape.heads, shape.kv_heads, shape.head_dim, shape.block_size,
+            partition, warps, heads, stages,
+        )  # fmt: skip
+        name = f"v7 {partition}, {warps} warps over {heads}, {stages} stages"
+        if reason:
+            print(f"  {name}: {reason}")
+            continue
+        for what, read_back, fold in (("", True, True), (", no folds", True, False),
+                                      (", copies alone", False, False)):  # fmt: skip
+            report(
+                name + what,
+                lambda p=partition, w=warps, h=heads, s=stages, r=read_back, f=fold: (
+                    attention_v7.launch_v7(a, p, w, h, s, read_back=r, fold=f)
+                ),
+            )
+
+
 def _compiled() -> list[tuple[tuple[int, ...], Any]]:
     """The version 7 kernels this run compiled, with ``make_kernel``'s arguments."""
     seen = []
     for group in (1, 4):
         for warps, heads, stages, _ in LAUNCHES:
-            key = (group, 128, 16, warps, heads, stages)
+            key = (group, 128, 16, warps, heads, stages, True, True)
             kernel = attention_v7.make_kernel(*key)
             if kernel.overloads and (key, kernel) not in seen:
                 seen.append((key, kernel))

@@ -19,7 +19,8 @@ from test_attention_v4 import close, expected
 from test_attention_v5 import nan_past_end_args
 
 from minipaged.errors import InvalidRequest
-from minipaged.kernels.attention_v7 import paged_attention_v7, supports
+from minipaged.kernels.attention import prepare_attention
+from minipaged.kernels.attention_v7 import launch_v7, paged_attention_v7, supports
 
 
 @st.composite
@@ -83,3 +84,17 @@ def test_a_shape_it_cannot_serve_is_refused() -> None:
     )
     with pytest.raises(InvalidRequest, match="multiple of 2 x block_size"):
         paged_attention_v7(*args, 48, 2, 1)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the merge of meaningless partitions
+@pytest.mark.parametrize(("read_back", "fold"), [(True, False), (False, False)])
+def test_the_parts_for_timing_run(read_back: bool, fold: bool) -> None:
+    """The kernel with its folds, or its reads of the ring, left out (for timing its parts
+    on a GPU) still runs its copies and writes every output, whatever their values."""
+    rng = np.random.default_rng(7)
+    args = (*nan_past_end_args(rng, [40], 2, 2, 64, 16), 0.125)
+    a = prepare_attention(*args, np.full_like(args[0], 7.0))
+    launch_v7(a, 32, 2, 1, 2, read_back=read_back, fold=fold)
+    out = a.result()
+    assert out.shape == args[0].shape
+    assert not np.any(out == 7.0)

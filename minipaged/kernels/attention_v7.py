@@ -238,11 +238,22 @@ def shared_bytes(
 
 @functools.cache
 def make_kernel(
-    group: int, head_dim: int, block_size: int, warps: int, heads: int, stages: int = STAGES
+    group: int,
+    head_dim: int,
+    block_size: int,
+    warps: int,
+    heads: int,
+    stages: int = STAGES,
+    read_back: bool = True,
+    fold: bool = True,
 ) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles), ``warps`` warps
-    a block over ``heads`` consecutive kv heads and a ring of ``stages`` buffers."""
+    a block over ``heads`` consecutive kv heads and a ring of ``stages`` buffers.
+
+    For timing the kernel's parts only (its output is then meaningless): ``fold`` False reads
+    each tile from the ring but folds nothing in; ``read_back`` False leaves the ring unread,
+    so that only the copies run."""
     threads = warps * WARP
     pieces = head_dim // PIECE
     k_pieces = pieces // 4
@@ -366,7 +377,7 @@ def make_kernel(
                     base, head,
                 )  # fmt: skip
             mine = n * runs + r
-            if mine < blocks:
+            if mine < blocks and read_back:
                 at = first + b * buffer + r * 2 * block_size * wide + h * row
                 for j in range(tiles):
                     t0 = start + mine * block_size + j * TILE
@@ -374,10 +385,11 @@ def make_kernel(
                         k_at = at + j * TILE * wide
                         v_at = k_at + block_size * wide
                         read_tile(k_regs, v_regs, words, k_at, words, v_at, wide, t0, end, g, t)
-                        top, total = consume(
-                            k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane,
-                            t, swap, posted,
-                        )  # fmt: skip
+                        if fold:
+                            top, total = consume(
+                                k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale,
+                                lane, t, swap, posted,
+                            )  # fmt: skip
         cuda.syncthreads()  # the ring is free: it holds the runs now
         runs_at = first
         run = cuda.shared.array(0, float32)[runs_at + warp * slot : runs_at + (warp + 1) * slot]
@@ -441,10 +453,18 @@ def supports(
 
 
 def launch_v7(
-    a: v2.AttentionArgs, partition_size: int, warps: int, heads: int, stages: int = STAGES
+    a: v2.AttentionArgs,
+    partition_size: int,
+    warps: int,
+    heads: int,
+    stages: int = STAGES,
+    *,
+    read_back: bool = True,
+    fold: bool = True,
 ) -> None:
     """Launch version 7 on checked inputs: the partition kernel, then (for sequences of several
-    partitions) version 5's merge kernel. Needs a GPU of compute capability 9.0 or later."""
+    partitions) version 5's merge kernel. Needs a GPU of compute capability 9.0 or later.
+    ``read_back``, ``fold``: as for ``make_kernel``, for timing its parts."""
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     partition_size = v.check_int("partition_size", partition_size, 1, 1 << 20)
@@ -463,7 +483,7 @@ def launch_v7(
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
     shared = shared_bytes(group, head_dim, block_size, partition_size, warps, stages)
-    kernel = make_kernel(group, head_dim, block_size, warps, heads, stages)
+    kernel = make_kernel(group, head_dim, block_size, warps, heads, stages, read_back, fold)
     args = v6.kernel_args(a, partition_size)
     v5.allow_shared(kernel, args, shared)
     kernel[(kv_heads // heads, num_seqs, parts), warps * WARP, 0, shared](*args)
