@@ -31,8 +31,8 @@ LAUNCHES = (
     (8, 4, 3, 1), (8, 4, 2, 1), (8, 8, 3, 2), (8, 8, 3, 1), (8, 2, 3, 1),
     (4, 2, 3, 1), (4, 4, 3, 1), (4, 2, 2, 1), (4, 4, 2, 2), (2, 2, 3, 1), (2, 1, 3, 1),
 )  # fmt: skip
-# one partition a sequence; the first is version 6's pick at 64 x 4096, 32/8
-PARTS = ((8, 4, 3), (2, 1, 3), (4, 2, 2))
+# as LAUNCHES; the first is version 6's pick at 64 x 4096, 32/8
+PARTS = ((8, 4, 3, 1), (2, 1, 3, 1), (4, 2, 2, 1))
 
 
 def main() -> None:
@@ -70,23 +70,12 @@ def tune(shape: gpu.AttentionShape, a: attention.AttentionArgs, copy: float, tim
               flush=True)  # fmt: skip
         return ms
 
-    print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
-    sdpa = gpu.sdpa_ms(shape, timing)
-    if sdpa:
-        share = shape.kv_bytes() / sdpa / 1e6 / copy
-        print(f"  {'SDPA (contiguous cache)':34s} {1e3 * sdpa:8.1f} us  {100 * share:5.1f}%")
+    sdpa = _sdpa(shape, copy, timing, 34)
     pick = attention_v6.choose_launch(shape.seqs, shape.kv_heads, shape.context, 16)
     best = ("v6", report(f"v6 {pick}", lambda: attention_v6.launch_v6(a)))
     for warps, heads, stages, parts in LAUNCHES:
-        whole = warps // heads * shape.block_size  # a stage's tokens
-        partition = -(-shape.context // (parts * whole)) * whole
-        reason = attention_v7.supports(
-            shape.dtype, shape.heads, shape.kv_heads, shape.head_dim, shape.block_size,
-            partition, warps, heads, stages,
-        )  # fmt: skip
-        name = f"v7 {partition}, {warps} warps over {heads}, {stages} stages"
-        if reason:
-            print(f"  {name}: {reason}")
+        partition, name = _v7_launch(shape, warps, heads, stages, parts)
+        if not partition:
             continue
         try:
             ms = report(
@@ -109,28 +98,17 @@ def time_parts(
 ) -> None:
     """One batch: SDPA, version 6's pick, then each launch of ``PARTS`` whole, with its folds
     left out, and with the copies alone."""
-    print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
 
     def report(name: str, launch: Any) -> None:
         ms = gpu.time_ms(launch, timing)
         share = shape.kv_bytes() / ms / 1e6 / copy
         print(f"  {name:44s} {1e3 * ms:8.1f} us  {100 * share:5.1f}%", flush=True)
 
-    sdpa = gpu.sdpa_ms(shape, timing)
-    if sdpa:
-        share = shape.kv_bytes() / sdpa / 1e6 / copy
-        print(f"  {'SDPA (contiguous cache)':44s} {1e3 * sdpa:8.1f} us  {100 * share:5.1f}%")
+    _sdpa(shape, copy, timing, 44)
     report("v6", lambda: attention_v6.launch_v6(a))
-    for warps, heads, stages in PARTS:
-        whole = warps // heads * shape.block_size
-        partition = -(-shape.context // whole) * whole
-        reason = attention_v7.supports(
-            shape.dtype, shape.heads, shape.kv_heads, shape.head_dim, shape.block_size,
-            partition, warps, heads, stages,
-        )  # fmt: skip
-        name = f"v7 {partition}, {warps} warps over {heads}, {stages} stages"
-        if reason:
-            print(f"  {name}: {reason}")
+    for warps, heads, stages, parts in PARTS:
+        partition, name = _v7_launch(shape, warps, heads, stages, parts)
+        if not partition:
             continue
         for what, read_back, fold in (("", True, True), (", no folds", True, False),
                                       (", copies alone", False, False)):  # fmt: skip
@@ -140,6 +118,35 @@ def time_parts(
                     attention_v7.launch_v7(a, p, w, h, s, read_back=r, fold=f)
                 ),
             )
+
+
+def _sdpa(shape: gpu.AttentionShape, copy: float, timing: Any, width: int) -> float | None:
+    """Print the batch's name, then time and print SDPA on a contiguous cache (None without
+    torch)."""
+    print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
+    sdpa = gpu.sdpa_ms(shape, timing)
+    if sdpa:
+        share = shape.kv_bytes() / sdpa / 1e6 / copy
+        print(f"  {'SDPA (contiguous cache)':{width}s} {1e3 * sdpa:8.1f} us  {100 * share:5.1f}%")
+    return sdpa
+
+
+def _v7_launch(
+    shape: gpu.AttentionShape, warps: int, heads: int, stages: int, parts: int
+) -> tuple[int, str]:
+    """The partition size (whole stages, ``parts`` a sequence) and name of a launch of version
+    7; partition 0 (and the reason printed) where ``supports`` refuses it."""
+    whole = warps // heads * shape.block_size  # a stage's tokens
+    partition = -(-shape.context // (parts * whole)) * whole
+    reason = attention_v7.supports(
+        shape.dtype, shape.heads, shape.kv_heads, shape.head_dim, shape.block_size,
+        partition, warps, heads, stages,
+    )  # fmt: skip
+    name = f"v7 {partition}, {warps} warps over {heads}, {stages} stages"
+    if reason:
+        print(f"  {name}: {reason}")
+        return 0, name
+    return partition, name
 
 
 def _compiled() -> list[tuple[tuple[int, ...], Any]]:
