@@ -516,8 +516,36 @@ def supports(
     ``MAX_WARPS``) a whole number of runs of each of ``heads`` kv heads, which divide the kv
     heads, partitions of whole blocks for each run, shared memory within the 48 KB a launch
     gets by default, or ``v5.OPT_IN_SHARED_BYTES`` for several warps."""
+    reason = runs_reason(
+        6, dtype, num_heads, num_kv_heads, head_dim, block_size, partition_size, warps, heads
+    )
+    if reason:
+        return reason
+    runs = warps // heads
+    group = num_heads // num_kv_heads
+    need = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
+    limit = v2.SHARED_BYTES if warps == 1 else v5.OPT_IN_SHARED_BYTES
+    if need > limit:
+        return f"{need} bytes of shared memory per thread block, more than {limit}"
+    return None
+
+
+def runs_reason(
+    version: int,
+    dtype: Any,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    partition_size: int,
+    warps: int,
+    heads: int,
+) -> str | None:
+    """The refusals versions 6 and 7 share: ``v5.tensor_core_reason``'s (rows of a multiple of
+    64), then ``heads`` kv heads a block dividing the warps and the kv heads, and partitions
+    of whole blocks for each of a kv head's ``warps // heads`` runs; None if none applies."""
     reason = v5.tensor_core_reason(
-        6, dtype, num_heads, num_kv_heads, head_dim, 64, block_size, warps
+        version, dtype, num_heads, num_kv_heads, head_dim, 64, block_size, warps
     )
     if reason:
         return reason
@@ -532,11 +560,6 @@ def supports(
             f"partition_size = {partition_size} is not a multiple of {runs} x block_size = "
             f"{runs * block_size} (each of {runs} runs of a kv head walks whole blocks)"
         )
-    group = num_heads // num_kv_heads
-    need = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
-    limit = v2.SHARED_BYTES if warps == 1 else v5.OPT_IN_SHARED_BYTES
-    if need > limit:
-        return f"{need} bytes of shared memory per thread block, more than {limit}"
     return None
 
 

@@ -427,22 +427,11 @@ def supports(
 ) -> str | None:
     """None when version 7 can run this shape, else the reason it cannot: version 6's
     refusals, partitions of whole stages, and the ring within ``v5.OPT_IN_SHARED_BYTES``."""
-    reason = v5.tensor_core_reason(
-        7, dtype, num_heads, num_kv_heads, head_dim, 64, block_size, warps
+    reason = v6.runs_reason(
+        7, dtype, num_heads, num_kv_heads, head_dim, block_size, partition_size, warps, heads
     )
     if reason:
         return reason
-    if heads < 1 or warps % heads or num_kv_heads % heads:
-        return (
-            f"heads = {heads} kv heads a block must divide both warps = {warps} and "
-            f"num_kv_heads = {num_kv_heads}"
-        )
-    runs = warps // heads
-    if partition_size % (runs * block_size):
-        return (
-            f"partition_size = {partition_size} is not a multiple of {runs} x block_size = "
-            f"{runs * block_size} (a stage holds {runs} blocks of the cache)"
-        )
     if stages < 2:
         return f"stages = {stages}: the ring needs at least 2 buffers"
     group = num_heads // num_kv_heads
