@@ -428,6 +428,10 @@ def readme_commands() -> list[str]:
 def test_readme_commands_are_found() -> None:
     run_job, run_tests = readme_commands()
     assert "minipaged" in run_job and "pytest" in run_tests
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert run_tests.replace("pip install", "python3 -m pip install -q") in ci, (
+        ".ci/run must run exactly the README's test command"
+    )
 
 
 def _copy_checkout(dst: Path) -> None:
