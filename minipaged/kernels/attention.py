@@ -323,8 +323,10 @@ class AttentionArgs:
     """Validated inputs on the device, ready for any version's launch.
 
     ``out`` is the device output; ``host_out`` the NumPy array to copy it into afterwards (None
-    when the caller works on the device). ``prepare_attention`` makes these; ``launch_*`` reuse
-    them, which is how ``scripts/gpu_check.py`` times the kernels without the host-side checks.
+    when the caller works on the device); ``host_seq_lens`` the checked lengths on the host,
+    from which a version may plan its work once (``plans`` keeps what it planned).
+    ``prepare_attention`` makes these; ``launch_*`` reuse them, which is how
+    ``scripts/gpu_check.py`` times the kernels without the host-side checks.
     """
 
     query: Any
@@ -337,6 +339,8 @@ class AttentionArgs:
     scale: np.float32
     threads: int
     max_seq_len: int
+    host_seq_lens: np.ndarray | None = None
+    plans: dict[Any, Any] = field(default_factory=dict, repr=False)
     _workspaces: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict, repr=False)
     _counters: dict[int, Any] = field(default_factory=dict, repr=False)
 
@@ -346,17 +350,21 @@ class AttentionArgs:
         return v.shape_of(self.query)  # type: ignore[return-value]
 
     def workspace(self, partition_size: int) -> tuple[Any, Any, Any]:
-        """v2's float32 buffers ``(partial_out, max_logits, exp_sums)``, allocated once per
-        partition size."""
-        if partition_size not in self._workspaces:
+        """v2's float32 buffers ``(partial_out, max_logits, exp_sums)`` for partitions of
+        ``partition_size`` tokens: ``buffers`` for as many as the longest sequence has."""
+        return self.buffers(-(-self.max_seq_len // partition_size))
+
+    def buffers(self, parts: int) -> tuple[Any, Any, Any]:
+        """float32 ``partial_out [num_seqs, num_heads, parts, head_dim]``, ``max_logits`` and
+        ``exp_sums [num_seqs, num_heads, parts]``, allocated once per number of parts."""
+        if parts not in self._workspaces:
             num_seqs, num_heads, head_dim = self.shape
-            parts = -(-self.max_seq_len // partition_size)
-            self._workspaces[partition_size] = (
+            self._workspaces[parts] = (
                 cuda.device_array((num_seqs, num_heads, parts, head_dim), dtype=np.float32),
                 cuda.device_array((num_seqs, num_heads, parts), dtype=np.float32),
                 cuda.device_array((num_seqs, num_heads, parts), dtype=np.float32),
             )
-        return self._workspaces[partition_size]
+        return self._workspaces[parts]
 
     def counters(self, per_seq: int) -> Any:
         """Zeroed int32 ``[num_seqs, per_seq]`` on the device, allocated once: a kernel that
@@ -439,6 +447,7 @@ def prepare_attention(
         scale=np.float32(scale),
         threads=threads,
         max_seq_len=int(lens.max()),
+        host_seq_lens=lens,
     )
 
 

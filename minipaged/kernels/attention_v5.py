@@ -1011,8 +1011,22 @@ def merge_partitions(
     if threads is None:
         v2.reduce_partitions(a, partition_size)
         return
+    merge_buffers(a, a.workspace(partition_size), a.seq_lens, partition_size, threads, splits)
+
+
+def merge_buffers(
+    a: v2.AttentionArgs,
+    buffers: tuple[Any, Any, Any],
+    lens: Any,
+    partition_size: int,
+    threads: int,
+    splits: int | None = None,
+) -> None:
+    """``merge_partitions`` with ``merge_partitions_kernel`` for partial results in
+    ``buffers`` (``partial_out, max_logits, exp_sums``), ``ceil(lens[s] / partition_size)``
+    of them for sequence ``s``."""
     num_seqs, num_heads, head_dim = a.shape
-    partial_out, max_logits, exp_sums = a.workspace(partition_size)
+    partial_out, max_logits, exp_sums = buffers
     if splits is None:
         splits = merge_splits(head_dim, num_heads * num_seqs)
     if splits < 1 or head_dim % splits:
@@ -1023,7 +1037,7 @@ def merge_partitions(
     direct = threads >= dims and partial_out.shape[2] <= loads * (threads // dims)
     kernel = make_merge_kernel(loads, threads, direct)
     kernel[(num_heads, num_seqs, splits), threads, 0, shared](
-        a.out, partial_out, max_logits, exp_sums, a.seq_lens, partition_size
+        a.out, partial_out, max_logits, exp_sums, lens, partition_size
     )
 
 

@@ -342,6 +342,67 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
 
 
 @functools.cache
+def make_walk(group: int, head_dim: int, block_size: int, load: Any) -> Any:
+    """The device function that walks tokens ``start`` to ``end - 1`` of one sequence for one
+    kv head (``start`` on a block boundary, ``ids`` the cache blocks from there on) and leaves
+    head ``g``'s running maximum, this lane's share of its exp sum and its accumulators
+    ``acc``, by ``load`` from memory (versions 6 and 8 share it).
+
+    The even tiles land in ``k_even`` and ``v_even``, the odd ones in ``k_odd`` and ``v_odd``,
+    and the two sets take turns: while one tile is folded in, the loads of the other are in
+    flight (the module's docstring says why not the plain way)."""
+    acc_size = 4 * (head_dim // 16)
+    shift = block_size.bit_length() - 1
+    read_tile = make_read_tile(head_dim, load)
+    consume = make_consume(group, head_dim)
+
+    @cuda.jit(device=True, **INLINE)
+    def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
+        """Start the loads of the tile of 16 tokens from ``t0`` (``read_tile``'s pieces).
+        ``base``: words from one token's row to the next; ``head``: the kv head's first word
+        in a row."""
+        at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
+        read_tile(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
+
+    @cuda.jit(device=True, **INLINE)
+    def walk(
+        k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start, end,
+        base, head, scale, lane, swap, posted,
+    ):  # fmt: skip
+        """Returns ``(top, total)``: head ``g``'s maximum logit (the same in its row group's
+        4 lanes) and this lane's share of its exp sum; ``acc`` holds its sums, unscaled."""
+        g = lane >> 2
+        t = lane & 3
+        for i in range(acc_size):
+            acc[i] = float32(0.0)
+        top = NEG_INF
+        total = float32(0.0)
+        load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
+        for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
+            t1 = t0 + TILE
+            if t1 < end:
+                load_tile(
+                    k_odd, v_odd, key_words, value_words, ids, t1, start, end, base, head, g, t
+                )
+            top, total = consume(
+                k_even, v_even, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted
+            )
+            if t1 < end:
+                if t1 + TILE < end:
+                    load_tile(
+                        k_even, v_even, key_words, value_words, ids, t1 + TILE, start, end,
+                        base, head, g, t,
+                    )  # fmt: skip
+                top, total = consume(
+                    k_odd, v_odd, q, acc, s, p, t1, end, top, total, scale, lane, t, swap,
+                    posted,
+                )  # fmt: skip
+        return top, total
+
+    return walk
+
+
+@functools.cache
 def make_kernel(
     group: int,
     head_dim: int,
@@ -375,18 +436,8 @@ def make_kernel(
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
     combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
     load_query = make_load_query(group, head_dim)
-    consume = make_consume(group, head_dim)
     write_run = make_write_run(group, head_dim, runs > 1)
-
-    read_tile = make_read_tile(head_dim, _load16)
-
-    @cuda.jit(device=True, **INLINE)
-    def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
-        """Start the loads of the tile of 16 tokens from ``t0`` (``read_tile``'s pieces).
-        ``start``: the run's first token (on a block boundary); ``base``: words from one
-        token's row to the next; ``head``: the kv head's first word in a row."""
-        at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
-        read_tile(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
+    walk = make_walk(group, head_dim, block_size, _load16)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -447,37 +498,12 @@ def make_kernel(
             k_odd = cuda.local.array(k_words, uint32)
             v_odd = cuda.local.array(v_words, uint32)
             acc = cuda.local.array(acc_size, float32)
-            for i in range(acc_size):
-                acc[i] = float32(0.0)
             s = cuda.local.array(8, float32)
             p = cuda.local.array(4, float32)
-            top = NEG_INF  # running maximum of head g (the same in the row group's 4 lanes)
-            total = float32(0.0)  # this lane's share of head g's exp sum
-            head = kv_head * row
-            load_tile(
-                k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t
-            )
-            for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
-                t1 = t0 + TILE
-                if t1 < end:
-                    load_tile(
-                        k_odd, v_odd, key_words, value_words, ids, t1, start, end, base,
-                        head, g, t,
-                    )  # fmt: skip
-                top, total = consume(
-                    k_even, v_even, q, acc, s, p, t0, end, top, total, scale, lane, t,
-                    swap, posted,
-                )  # fmt: skip
-                if t1 < end:
-                    if t1 + TILE < end:
-                        load_tile(
-                            k_even, v_even, key_words, value_words, ids, t1 + TILE, start,
-                            end, base, head, g, t,
-                        )  # fmt: skip
-                    top, total = consume(
-                        k_odd, v_odd, q, acc, s, p, t1, end, top, total, scale, lane, t,
-                        swap, posted,
-                    )  # fmt: skip
+            top, total = walk(
+                k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
+                end, base, kv_head * row, scale, lane, swap, posted,
+            )  # fmt: skip
             run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
             write_run(
                 out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
