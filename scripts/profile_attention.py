@@ -1,4 +1,4 @@
-"""One decode batch through paged attention versions 2 to 7 and SDPA, for a profiler:
+"""One decode batch through paged attention versions 2 to 8 and SDPA, for a profiler:
 
     ncu --section SpeedOfLight python3 scripts/profile_attention.py \
         [SEQS CONTEXT HEADS KV_HEADS [WHICH]]
@@ -6,10 +6,10 @@
 Runs each of ``WHICH`` twice (the first launch compiles), then stops: a comma-separated list of
 ``v2``, ``v3``, ``v4``, ``v5`` (as ``paged_attention`` picks its launch), ``v6``
 (``choose_launch``'s pick), ``v7`` (partitions of 4096 tokens, blocks of 8 warps over 4 kv
-heads, 3 stages: version 6's pick at 64 x 4096, 32/8; compute capability 9.0 only) and
-``sdpa`` (PyTorch's ``scaled_dot_product_attention`` on a contiguous cache of the same shape);
-all but ``v7`` by default. The other defaults are the issue's 64 x 4096, 32 query heads over 8
-kv heads, float16, head_dim 128, block 16.
+heads, 3 stages: version 6's pick at 64 x 4096, 32/8; compute capability 9.0 only), ``v8``
+(``choose_launch``'s pick) and ``sdpa`` (PyTorch's ``scaled_dot_product_attention`` on a
+contiguous cache of the same shape); all but ``v7`` by default. The other defaults are the
+issue's 64 x 4096, 32 query heads over 8 kv heads, float16, head_dim 128, block 16.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from minipaged.kernels import (  # noqa: E402
     attention_v5,
     attention_v6,
     attention_v7,
+    attention_v8,
 )
 
 RUNS = {
@@ -38,6 +39,7 @@ RUNS = {
     "v5": attention_v5.launch_chosen,
     "v6": attention_v6.launch_v6,
     "v7": lambda a: attention_v7.launch_v7(a, 4096, 8, 4, 3),
+    "v8": attention_v8.launch_v8,
 }
 
 args = sys.argv[1:]
