@@ -29,6 +29,13 @@ kernel nothing.
 What it costs: each run starts its loads cold at each segment (a run spans two sequences or
 so), each piece is a partial result written and read once more (4 query heads of 128 floats),
 and the last warp of a pair merges them, a few loads deep.
+
+What it showed on an H100 (docs/benchmarks.md): the idle SMs were not version 6's problem.
+Given 66 sequences, which fill all 132 SMs, version 6 took 2.9% longer for 3.1% more work;
+the memory system sets its pace. Where version 8 helps is a batch of mixed lengths, where
+version 6's warps of short sequences wait for the long ones: 2% faster there, even as first
+written, when ptxas spilled its registers and it ran 7 to 8% slower than version 6 on equal
+lengths.
 """
 
 from __future__ import annotations
