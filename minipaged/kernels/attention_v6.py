@@ -655,6 +655,12 @@ def one_wave(
     return runs * sub, runs * heads, heads
 
 
+def words(a: v2.AttentionArgs) -> tuple[Any, Any, Any]:
+    """The query, key cache and value cache as flat 32-bit words (two float16 values each),
+    as versions 6 to 8 load them: 16 bytes, 4 words, at a time."""
+    return tuple(x.reshape(x.size).view(np.uint32) for x in (a.query, a.key_cache, a.value_cache))
+
+
 def kernel_args(a: v2.AttentionArgs, partition_size: int) -> tuple[Any, ...]:
     """The partition kernel's arguments (versions 6 and 7 take the same): the output, the
     partition workspace, the query and both caches as 32-bit words, the tables, lengths,
@@ -665,9 +671,7 @@ def kernel_args(a: v2.AttentionArgs, partition_size: int) -> tuple[Any, ...]:
         partial_out,
         max_logits,
         exp_sums,
-        a.query.reshape(a.query.size).view(np.uint32),
-        a.key_cache.reshape(a.key_cache.size).view(np.uint32),
-        a.value_cache.reshape(a.value_cache.size).view(np.uint32),
+        *words(a),
         a.block_tables,
         a.seq_lens,
         a.scale,
