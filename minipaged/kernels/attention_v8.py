@@ -33,9 +33,10 @@ and the last warp of a pair merges them, a few loads deep.
 What it showed on an H100 (docs/benchmarks.md): the idle SMs were not version 6's problem.
 Given 66 sequences, which fill all 132 SMs, version 6 took 2.9% longer for 3.1% more work;
 the memory system sets its pace. Where version 8 helps is a batch of mixed lengths, where
-version 6's warps of short sequences wait for the long ones: 2% faster there, even as first
-written, when ptxas spilled its registers and it ran 7 to 8% slower than version 6 on equal
-lengths.
+version 6's warps of short sequences wait for the long ones: 1.9 to 2.1% faster there. On
+equal lengths it is slower (9 to 10% for 32/8, level for 32/32): version 6 takes all 255
+registers a thread, and whatever version 8 holds through a walk on top of it, ptxas spills
+(48 to 128 bytes a thread), with the run's segments read from global memory or from shared.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ def make_kernel(
         Version 6 takes 255 registers a thread and no more: the two tiles in flight are 128 of
         them. So nothing of a segment but its bounds is held in a register while its tokens
         are walked: the warp copies its run's segments to shared memory first, and reads a
-        segment's sequence, piece and pieces there again after the walk (measured on an H100,
-        holding them spilled registers, docs/benchmarks.md)."""
+        segment's sequence, piece and pieces there again after the walk. (ptxas still spills
+        48 to 128 bytes a thread on an H100, as it did with them held: docs/benchmarks.md.)"""
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
         kv_head = cuda.blockIdx.x * heads + warp % heads
