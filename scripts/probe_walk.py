@@ -13,12 +13,15 @@
    the same pieces into registers (``make_read_tile``), the sets of registers taking turns as
    version 6's do, but each tile only XORed into one word instead of multiplied: with 2 sets
    (version 6's loads in flight) and with 3 (one tile more in flight a warp, registers that
-   version 6 does not have), at version 6's 8 warps an SM (each block also asks for shared
-   memory that only one block an SM can have) and at whatever the registers allow.
+   version 6 does not have). Their registers (166 to 244 a thread) leave an SM 8 warps, as
+   version 6's do. Each also once with 150 KB of shared memory a block (which takes that
+   much from the L1 cache), and with 2 sets, shuffled tables, after each tile a chain of 64,
+   128 or 256 dependent integer multiply-adds, standing for the latency of the arithmetic.
 
 If the loads alone, 2 sets, take version 6's time, the loads are its limit; if they take
 SDPA's, the arithmetic between them is; if 3 sets are faster than 2, more bytes in flight
-would help. Runs in the simulator too (a tiny batch), to check the probe itself.
+would help; the chains say how much a tile's latency alone costs. Runs in the simulator too
+(a tiny batch), to check the probe itself.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from minipaged.kernels import attention, attention_v5, attention_v6
 WARP = attention_v6.WARP
 TILE = attention_v6.TILE
 ONE_BLOCK_AN_SM = 150 * 1024  # shared memory a block asks for, so that an SM holds one
-VARIANTS = ((1, False), (2, False), (1, True), (2, True))  # version 6's (chains, lockstep)
 LOADS = ((2, 0), (3, 0), (2, 64), (2, 128), (2, 256))  # loads alone: (sets, delay)
 
 
@@ -157,16 +159,11 @@ def probe(shape: gpu.AttentionShape, copy: float, timing: Any) -> None:
     for name, a in batches:
         attention.launch_v2(a)
         want = a.out.copy_to_host()
-        for chains, lockstep in VARIANTS if name == "shuffled" else VARIANTS[:1]:
-
-            def launch(a=a, chains=chains, lockstep=lockstep) -> None:
-                attention_v6.launch_v6(a, chains=chains, lockstep=lockstep)
-
-            a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-            launch()
-            diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-            variant = f", {chains} chains" * (chains > 1) + ", in lockstep" * lockstep
-            show(f"v6{variant}, tables {name} (|diff| {diff:.1e})", gpu.time_ms(launch, timing))
+        a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+        attention_v6.launch_v6(a)
+        diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
+        ms = gpu.time_ms(lambda a=a: attention_v6.launch_v6(a), timing)
+        show(f"v6, tables {name} (|diff| {diff:.1e})", ms)
     partition, warps, heads = attention_v6.choose_launch(
         shape.seqs, shape.kv_heads, shape.context, shape.block_size
     )
@@ -198,13 +195,6 @@ def probe(shape: gpu.AttentionShape, copy: float, timing: Any) -> None:
                 show(f"loads alone, {sets} sets{shared_memory}, {delay} IMADs a tile, {name}{same}",
                      gpu.time_ms(launch, timing))  # fmt: skip
     if not config.ENABLE_CUDASIM:
-        group = shape.heads // shape.kv_heads
-        for chains, lockstep in VARIANTS:
-            kernel = attention_v6.make_kernel(
-                group, shape.head_dim, 16, warps, 0, "", heads, chains, lockstep
-            )
-            for compiled in kernel.overloads.values():
-                print(f"  v6, {chains} chains, lockstep {lockstep}: {_registers(compiled)}")
         for sets, delay in LOADS:
             kernel = loads_only(shape.head_dim, 16, warps, heads, sets, delay)
             for compiled in kernel.overloads.values():

@@ -59,17 +59,6 @@ def test_v6_matches_reference(case: tuple) -> None:
     close(out, expected(args), np.float16)
 
 
-@pytest.mark.parametrize("chains, lockstep", [(2, False), (1, True), (2, True)])
-def test_v6_tuning_variants_match_reference(chains: int, lockstep: bool) -> None:
-    """Logits summed in two chains, and warps in lockstep (equal runs, so every warp of a block
-    walks as many tiles): the same attention."""
-    rng = np.random.default_rng(1)
-    args = random_args(rng, [64, 64], 4, 64, 0.125)
-    a = attention.prepare_attention(*args)
-    attention_v6.launch_v6(a, 64, 2, 1, chains=chains, lockstep=lockstep)
-    close(a.result(), expected(args), np.float16)
-
-
 def test_v6_on_its_own_launch_choice() -> None:
     """No partition size: ``choose_launch`` picks partitions and warps."""
     rng = np.random.default_rng(4)

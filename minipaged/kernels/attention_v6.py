@@ -228,12 +228,10 @@ def make_read_tile(head_dim: int, load: Any) -> Any:
 
 
 @functools.cache
-def make_consume(group: int, head_dim: int, chains: int = 1) -> Any:
+def make_consume(group: int, head_dim: int) -> Any:
     """The device function that folds one tile of 16 tokens, already in a lane's registers as
     ``load_tile`` leaves them, into its heads' running softmax and sums (versions 6 and 7
-    share it). ``chains`` 2: each token's logit is summed over the head's dimensions in two
-    independent chains of products (``s`` then holds 16 floats), half as long, added at the
-    end: a tuning choice, one chain of 8 products being 8 of ``mma``'s latencies in a row."""
+    share it)."""
     k_pieces = head_dim // PIECE // 4
     v_pieces = head_dim // PIECE // 8
     tiles_m = head_dim // 16
@@ -244,22 +242,19 @@ def make_consume(group: int, head_dim: int, chains: int = 1) -> Any:
         ``g``'s running maximum ``top``, this lane's share ``total`` of its exp sum and the
         accumulators ``acc``; returns the new ``(top, total)``."""
         # logits of head g, tokens 2t, 2t + 1 (s[0:2]) and 2t + 8, 2t + 9 (s[4:6])
-        for i in range(8 * chains):
+        for i in range(8):
             s[i] = float32(0.0)
         for i in range(k_pieces):
             for h in range(2):
                 w = 4 * i + 2 * h
                 a0, a2 = q[w], q[w + 1]
                 for r in range(2):
-                    o = 4 * r + (8 * h if chains == 2 else 0)
-                    b0, b1 = k_regs[4 * r * k_pieces + w], k_regs[4 * r * k_pieces + w + 1]
+                    o = 4 * r
+                    b0, b1 = k_regs[o * k_pieces + w], k_regs[o * k_pieces + w + 1]
                     s[o], s[o + 1], s[o + 2], s[o + 3] = v5._mma(
                         a0, uint32(0), a2, uint32(0), b0, b1,
                         s[o], s[o + 1], s[o + 2], s[o + 3], posted,
                     )  # fmt: skip
-        if chains == 2:
-            for i in range(8):
-                s[i] += s[8 + i]
         step = NEG_INF
         for i in range(4):
             tok = t0 + 2 * t + (i & 1) + 8 * (i >> 1)
@@ -347,9 +342,7 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
 
 
 @functools.cache
-def make_walk(
-    group: int, head_dim: int, block_size: int, load: Any, chains: int = 1, lockstep: bool = False
-) -> Any:
+def make_walk(group: int, head_dim: int, block_size: int, load: Any) -> Any:
     """The device function that walks tokens ``start`` to ``end - 1`` of one sequence for one
     kv head (``start`` on a block boundary, ``ids`` the cache blocks from there on) and leaves
     head ``g``'s running maximum, this lane's share of its exp sum and its accumulators
@@ -357,14 +350,11 @@ def make_walk(
 
     The even tiles land in ``k_even`` and ``v_even``, the odd ones in ``k_odd`` and ``v_odd``,
     and the two sets take turns: while one tile is folded in, the loads of the other are in
-    flight (the module's docstring says why not the plain way). ``chains``: ``make_consume``'s;
-    ``lockstep``: every warp of the thread block waits for the others at each pair of tiles
-    (a tuning experiment, for blocks whose warps all walk the same number of tiles: those
-    over neighbouring kv heads then read neighbouring rows of the cache together)."""
+    flight (the module's docstring says why not the plain way)."""
     acc_size = 4 * (head_dim // 16)
     shift = block_size.bit_length() - 1
     read_tile = make_read_tile(head_dim, load)
-    consume = make_consume(group, head_dim, chains)
+    consume = make_consume(group, head_dim)
 
     @cuda.jit(device=True, **INLINE)
     def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
@@ -389,8 +379,6 @@ def make_walk(
         total = float32(0.0)
         load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
         for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
-            if lockstep:
-                cuda.syncthreads()
             t1 = t0 + TILE
             if t1 < end:
                 load_tile(
@@ -423,16 +411,13 @@ def make_kernel(
     min_blocks: int = 0,
     hint: str = "",
     heads: int = 1,
-    chains: int = 1,
-    lockstep: bool = False,
 ) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
     warps a block over ``heads`` consecutive kv heads: warp ``w`` walks run ``w // heads``, of
     ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
     blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
-    its own choice); ``hint``: a cache qualifier for the loads of the cache; ``chains`` and
-    ``lockstep``: ``make_walk``'s."""
+    its own choice); ``hint``: a cache qualifier for the loads of the cache."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -452,7 +437,7 @@ def make_kernel(
     combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
     load_query = make_load_query(group, head_dim)
     write_run = make_write_run(group, head_dim, runs > 1)
-    walk = make_walk(group, head_dim, block_size, _load16, chains, lockstep)
+    walk = make_walk(group, head_dim, block_size, _load16)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -513,7 +498,7 @@ def make_kernel(
             k_odd = cuda.local.array(k_words, uint32)
             v_odd = cuda.local.array(v_words, uint32)
             acc = cuda.local.array(acc_size, float32)
-            s = cuda.local.array(8 * chains, float32)
+            s = cuda.local.array(8, float32)
             p = cuda.local.array(4, float32)
             top, total = walk(
                 k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
@@ -701,13 +686,10 @@ def launch_v6(
     heads: int = 1,
     min_blocks: int = 0,
     hint: str = "",
-    chains: int = 1,
-    lockstep: bool = False,
 ) -> None:
     """Launch version 6 on checked inputs: the partition kernel, then (for sequences of several
     partitions) version 5's merge kernel. ``partition_size`` None: ``choose_launch``'s pick
-    (and its warps and heads). ``min_blocks``, ``hint``, ``chains`` and ``lockstep``: tuning
-    choices, as ``make_kernel`` takes them."""
+    (and its warps and heads)."""
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     if partition_size is None:
@@ -726,9 +708,7 @@ def launch_v6(
     parts = -(-a.max_seq_len // partition_size)
     runs = warps // heads
     shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
-    kernel = make_kernel(
-        group, head_dim, block_size, warps, min_blocks, hint, heads, chains, lockstep
-    )
+    kernel = make_kernel(group, head_dim, block_size, warps, min_blocks, hint, heads)
     args = kernel_args(a, partition_size)
     v5.allow_shared(kernel, args, shared)
     kernel[(kv_heads // heads, num_seqs, parts), warps * WARP, 0, shared](*args)
