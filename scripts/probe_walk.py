@@ -10,13 +10,13 @@
    shuffled block tables and on tables that hold each sequence's blocks in order (a contiguous
    cache read through a block table).
 2. Version 6's loads alone: the same grid, warps and tokens a warp, the same 16-byte loads of
-   the same pieces into registers (``make_read_tile``), the sets of registers taking turns as
-   version 6's do, but each tile only XORed into one word instead of multiplied: with 2 sets
-   (version 6's loads in flight) and with 3 (one tile more in flight a warp, registers that
-   version 6 does not have). Their registers (166 to 244 a thread) leave an SM 8 warps, as
-   version 6's do. Each also once with 150 KB of shared memory a block (which takes that
-   much from the L1 cache), and with 2 sets, shuffled tables, after each tile a chain of 64,
-   128 or 256 dependent integer multiply-adds, standing for the latency of the arithmetic.
+   the same pieces into registers (version 6's own ``make_load_tile``), the sets of registers
+   taking turns as version 6's do, but each tile only XORed into one word instead of multiplied:
+   with 2 sets (version 6's loads in flight) and with 3 (one tile more in flight a warp,
+   registers that version 6 does not have). Their registers (166 to 244 a thread) leave an SM 8
+   warps, as version 6's do. Each also once with 150 KB of shared memory a block (which takes
+   that much from the L1 cache), and with 2 sets, shuffled tables, after each tile a chain of
+   64, 128 or 256 dependent integer multiply-adds, standing for the latency of the arithmetic.
 
 If the loads alone, 2 sets, take version 6's time, the loads are its limit; if they take
 SDPA's, the arithmetic between them is; if 3 sets are faster than 2, more bytes in flight
@@ -50,7 +50,7 @@ def loads_only(
     the softmax: ``sets`` (2 or 3) sets of registers take turns. ``delay``: after each tile, a
     chain of that many dependent integer multiply-adds (about 4 cycles each) stands for the
     latency of version 6's arithmetic."""
-    read_tile = attention_v6.make_read_tile(head_dim, attention_v6._make_load16(""))
+    start_tile = attention_v6.make_load_tile(head_dim, block_size, attention_v6._make_load16(""))
     k_words = 2 * 4 * (head_dim // 8 // 4)
     v_words = 4 * 4 * (head_dim // 8 // 8)
     runs = warps // heads
@@ -67,11 +67,6 @@ def loads_only(
         for _ in range(delay):
             x = x * x + uint32(1)
         return x
-
-    @cuda.jit(device=True, **attention_v6.INLINE)
-    def start_tile(k, v, keys, values, ids, t0, start, end, base, head, g, t):  # noqa: ANN001, ANN202
-        at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
-        read_tile(k, v, keys, at, values, at, base, t0, end, g, t)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": warps * WARP}))
     def kernel(sink, keys, values, block_tables, seq_lens, partition_size, kv_heads, id_words):  # noqa: ANN001, ANN202

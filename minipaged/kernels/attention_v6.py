@@ -342,6 +342,24 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
 
 
 @functools.cache
+def make_load_tile(head_dim: int, block_size: int, load: Any) -> Any:
+    """The device function that starts the loads of one tile of a run: ``read_tile``'s pieces
+    of the 16 tokens from ``t0``, found through the run's block numbers ``ids`` (``ids[0]``
+    holds token ``start``, on a block boundary)."""
+    shift = block_size.bit_length() - 1
+    read_tile = make_read_tile(head_dim, load)
+
+    @cuda.jit(device=True, **INLINE)
+    def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
+        """``base``: words from one token's row to the next; ``head``: the kv head's first
+        word in a row."""
+        at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
+        read_tile(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
+
+    return load_tile
+
+
+@functools.cache
 def make_walk(group: int, head_dim: int, block_size: int, load: Any) -> Any:
     """The device function that walks tokens ``start`` to ``end - 1`` of one sequence for one
     kv head (``start`` on a block boundary, ``ids`` the cache blocks from there on) and leaves
@@ -352,17 +370,8 @@ def make_walk(group: int, head_dim: int, block_size: int, load: Any) -> Any:
     and the two sets take turns: while one tile is folded in, the loads of the other are in
     flight (the module's docstring says why not the plain way)."""
     acc_size = 4 * (head_dim // 16)
-    shift = block_size.bit_length() - 1
-    read_tile = make_read_tile(head_dim, load)
+    load_tile = make_load_tile(head_dim, block_size, load)
     consume = make_consume(group, head_dim)
-
-    @cuda.jit(device=True, **INLINE)
-    def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
-        """Start the loads of the tile of 16 tokens from ``t0`` (``read_tile``'s pieces).
-        ``base``: words from one token's row to the next; ``head``: the kv head's first word
-        in a row."""
-        at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
-        read_tile(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
 
     @cuda.jit(device=True, **INLINE)
     def walk(
