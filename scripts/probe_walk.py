@@ -1,6 +1,6 @@
 """Where does version 6's time go beyond SDPA's: its arithmetic, its loads, or the paging?
 
-    python3 scripts/probe_walk.py [batch ...]
+    python3 scripts/probe_walk.py [--no-loads] [batch ...]
 
 ``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (default ``64x4096/8`` and
 ``64x4096/32``). For each batch, all in one run, each a median of CUDA-event timings
@@ -8,15 +8,18 @@
 
 1. SDPA on a contiguous cache, and version 6 at ``choose_launch``'s launch, on the benchmark's
    shuffled block tables and on tables that hold each sequence's blocks in order (a contiguous
-   cache read through a block table).
-2. Version 6's loads alone: the same grid, warps and tokens a warp, the same 16-byte loads of
-   the same pieces into registers (version 6's own ``make_load_tile``), the sets of registers
-   taking turns as version 6's do, but each tile only XORed into one word instead of multiplied:
-   with 2 sets (version 6's loads in flight) and with 3 (one tile more in flight a warp,
-   registers that version 6 does not have). Their registers (166 to 244 a thread) leave an SM 8
-   warps, as version 6's do. Each also once with 150 KB of shared memory a block (which takes
-   that much from the L1 cache), and with 2 sets, shuffled tables, after each tile a chain of
-   64, 128 or 256 dependent integer multiply-adds, standing for the latency of the arithmetic.
+   cache read through a block table); on the shuffled tables also with its tuning choices
+   (``make_walk``'s): logits in two chains of products, the loads of the tile after next
+   started early, and both.
+2. (Not with ``--no-loads``.) Version 6's loads alone: the same grid, warps and tokens a warp,
+   the same 16-byte loads of the same pieces into registers (version 6's own
+   ``make_load_tile``), the sets of registers taking turns as version 6's do, but each tile
+   only XORed into one word instead of multiplied: with 2 sets (version 6's loads in flight)
+   and with 3 (one tile more in flight a warp, registers that version 6 does not have). Their
+   registers (166 to 244 a thread) leave an SM 8 warps, as version 6's do. Each also once
+   with 150 KB of shared memory a block (which takes that much from the L1 cache), and with 2
+   sets, shuffled tables, after each tile a chain of 64, 128 or 256 dependent integer
+   multiply-adds, standing for the latency of the arithmetic.
 
 If the loads alone, 2 sets, take version 6's time, the loads are its limit; if they take
 SDPA's, the arithmetic between them is; if 3 sets are faster than 2, more bytes in flight
@@ -40,6 +43,7 @@ WARP = attention_v6.WARP
 TILE = attention_v6.TILE
 ONE_BLOCK_AN_SM = 150 * 1024  # shared memory a block asks for, so that an SM holds one
 LOADS = ((2, 0), (3, 0), (2, 64), (2, 128), (2, 256))  # loads alone: (sets, delay)
+VARIANTS = ((1, False), (2, False), (1, True), (2, True))  # version 6's (chains, early)
 
 
 @functools.cache
@@ -138,8 +142,8 @@ def in_order(a: attention.AttentionArgs) -> attention.AttentionArgs:
     )
 
 
-def probe(shape: gpu.AttentionShape, copy: float, timing: Any) -> None:
-    """One batch: section 1, then section 2, on both kinds of tables."""
+def probe(shape: gpu.AttentionShape, copy: float, timing: Any, loads: bool = True) -> None:
+    """One batch: section 1, then (``loads``) section 2, on both kinds of tables."""
     print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
     nbytes = shape.kv_bytes()
 
@@ -148,20 +152,36 @@ def probe(shape: gpu.AttentionShape, copy: float, timing: Any) -> None:
             print(f"  {name:52s} {1e3 * ms:8.1f} us  {100 * nbytes / ms / 1e6 / copy:5.1f}%",
                   flush=True)  # fmt: skip
 
+    partition, warps, heads = attention_v6.choose_launch(
+        shape.seqs, shape.kv_heads, shape.context, shape.block_size
+    )
     show("SDPA (contiguous cache)", gpu.sdpa_ms(shape, timing))
     shuffled = gpu.attention_inputs(shape, seed=3)
     batches = (("shuffled", shuffled), ("in order", in_order(shuffled)))
     for name, a in batches:
         attention.launch_v2(a)
         want = a.out.copy_to_host()
-        a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-        attention_v6.launch_v6(a)
-        diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-        ms = gpu.time_ms(lambda a=a: attention_v6.launch_v6(a), timing)
-        show(f"v6, tables {name} (|diff| {diff:.1e})", ms)
-    partition, warps, heads = attention_v6.choose_launch(
-        shape.seqs, shape.kv_heads, shape.context, shape.block_size
-    )
+        for chains, early in VARIANTS if name == "shuffled" else VARIANTS[:1]:
+
+            def launch_v6(a=a, chains=chains, early=early) -> None:
+                attention_v6.launch_v6(a, chains=chains, early=early)
+
+            a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+            launch_v6()
+            diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
+            variant = f", {chains} chains" * (chains > 1) + ", early" * early
+            show(f"v6{variant}, tables {name} (|diff| {diff:.1e})",
+                 gpu.time_ms(launch_v6, timing))  # fmt: skip
+    if not config.ENABLE_CUDASIM:
+        group = shape.heads // shape.kv_heads
+        for chains, early in VARIANTS:
+            kernel = attention_v6.make_kernel(
+                group, shape.head_dim, shape.block_size, warps, 0, "", heads, chains, early
+            )
+            for compiled in kernel.overloads.values():
+                print(f"  v6, {chains} chains, early {early}: {_registers(compiled)}")
+    if not loads:
+        return
     runs = warps // heads
     parts = -(-shape.context // partition)
     id_words = -(-(partition // runs // shape.block_size) // 4) * 4
@@ -204,14 +224,15 @@ def _registers(compiled: Any) -> str:
 
 
 def main() -> None:
-    wanted = sys.argv[1:] or ["64x4096/8", "64x4096/32"]
+    loads = "--no-loads" not in sys.argv[1:]
+    wanted = [x for x in sys.argv[1:] if x != "--no-loads"] or ["64x4096/8", "64x4096/32"]
     timing = gpu.Timing(0, 1, 1) if config.ENABLE_CUDASIM else gpu.Timing()
     copy = gpu.copy_bandwidth(timing, 1 << 12 if config.ENABLE_CUDASIM else 1 << 30)
     print(f"{gpu.device_name()}; copy {copy:.0f} GB/s", flush=True)
     for name in wanted:
         seqs_context, kv = name.split("/")
         seqs, context = map(int, seqs_context.split("x"))
-        probe(gpu.AttentionShape(seqs, context, 32, int(kv)), copy, timing)
+        probe(gpu.AttentionShape(seqs, context, 32, int(kv)), copy, timing, loads)
 
 
 if __name__ == "__main__":

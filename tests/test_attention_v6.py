@@ -59,6 +59,19 @@ def test_v6_matches_reference(case: tuple) -> None:
     close(out, expected(args), np.float16)
 
 
+@pytest.mark.parametrize("chains, early", [(2, False), (1, True), (2, True)])
+def test_v6_tuning_variants_match_reference(chains: int, early: bool) -> None:
+    """Logits summed in two chains, and the loads of the tile after next started step by
+    step: the same attention, on runs of 1 to 3 tiles (the last partly past the end) and 1
+    to 3 partitions."""
+    rng = np.random.default_rng(1)
+    args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 64, 16), 0.125)
+    a = attention.prepare_attention(*args)
+    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+    attention_v6.launch_v6(a, 96, 4, 2, chains=chains, early=early)
+    close(a.result(), expected(args), np.float16)
+
+
 def test_v6_on_its_own_launch_choice() -> None:
     """No partition size: ``choose_launch`` picks partitions and warps."""
     rng = np.random.default_rng(4)

@@ -192,16 +192,17 @@ def make_load_query(group: int, head_dim: int) -> Any:
 
 
 @functools.cache
-def make_read_tile(head_dim: int, load: Any) -> Any:
+def make_read_tile(head_dim: int, load: Any, parts: str = "kv") -> Any:
     """The device function that fills lane ``(g, t)``'s registers with a tile of 16 tokens:
     K pieces ``t + 4 i`` of tokens ``g`` and ``g + 8``, V pieces ``g + 8 u`` of tokens ``2t,
     2t + 1, 2t + 8, 2t + 9`` (the order ``make_consume`` folds them in), each 16 bytes by
     ``load(words, at)``; the words of tokens past ``end`` are zeros (no load). The tile's
     first K row starts at ``k_words[k_at]`` and its first V row at ``v_words[v_at]``, the
     next rows ``stride`` words on: version 6 reads the cache in global memory, version 7 a
-    copy of it in shared memory."""
-    k_pieces = head_dim // PIECE // 4
+    copy of it in shared memory. ``parts``: ``"k"`` or ``"v"`` fills only those registers."""
+    k_pieces = head_dim // PIECE // 4 if "k" in parts else 0
     v_pieces = head_dim // PIECE // 8
+    v_rows = 4 if "v" in parts else 0
 
     @cuda.jit(device=True, **INLINE)
     def read_tile(k_regs, v_regs, k_words, k_at, v_words, v_at, stride, t0, end, g, t):
@@ -214,7 +215,7 @@ def make_read_tile(head_dim: int, load: Any) -> Any:
                 else:
                     w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
                 k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
-        for r in range(4):
+        for r in range(v_rows):
             tok = 2 * t + (r & 1) + 8 * (r >> 1)
             for u in range(v_pieces):
                 o = 4 * (r * v_pieces + u)
@@ -228,33 +229,37 @@ def make_read_tile(head_dim: int, load: Any) -> Any:
 
 
 @functools.cache
-def make_consume(group: int, head_dim: int) -> Any:
-    """The device function that folds one tile of 16 tokens, already in a lane's registers as
-    ``load_tile`` leaves them, into its heads' running softmax and sums (versions 6 and 7
-    share it)."""
+def make_logits(group: int, head_dim: int, chains: int = 1) -> Any:
+    """The device function that makes a tile's probabilities from its K words: the first half
+    of ``make_consume``'s step, after which the K registers are free. ``chains`` 2: each
+    token's logit is summed over the head's dimensions in two independent chains of products
+    (``s`` then holds 16 floats), half as long, added at the end; one chain is ``head_dim //
+    16`` of ``mma``'s latencies in a row (a tuning choice)."""
     k_pieces = head_dim // PIECE // 4
-    v_pieces = head_dim // PIECE // 8
-    tiles_m = head_dim // 16
 
     @cuda.jit(device=True, **INLINE)
-    def consume(k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted):
-        """Fold the tile from ``t0`` (its words in ``k_regs`` and ``v_regs``) into head
-        ``g``'s running maximum ``top``, this lane's share ``total`` of its exp sum and the
-        accumulators ``acc``; returns the new ``(top, total)``."""
+    def logits(k_regs, q, s, p, t0, end, top, total, scale, lane, t, swap, posted):
+        """Returns ``(top, total, b0, b1, alpha0, alpha1)``: head ``g``'s new running maximum
+        and this lane's share of its exp sum (rescaled, this tile's added), the tile's
+        probabilities as ``P^T``'s B fragment, and the factors by which the sums so far of
+        heads ``2t`` and ``2t + 1`` shrink."""
         # logits of head g, tokens 2t, 2t + 1 (s[0:2]) and 2t + 8, 2t + 9 (s[4:6])
-        for i in range(8):
+        for i in range(8 * chains):
             s[i] = float32(0.0)
         for i in range(k_pieces):
             for h in range(2):
                 w = 4 * i + 2 * h
                 a0, a2 = q[w], q[w + 1]
                 for r in range(2):
-                    o = 4 * r
-                    b0, b1 = k_regs[o * k_pieces + w], k_regs[o * k_pieces + w + 1]
+                    o = 4 * r + (8 * h if chains == 2 else 0)
+                    b0, b1 = k_regs[4 * r * k_pieces + w], k_regs[4 * r * k_pieces + w + 1]
                     s[o], s[o + 1], s[o + 2], s[o + 3] = v5._mma(
                         a0, uint32(0), a2, uint32(0), b0, b1,
                         s[o], s[o + 1], s[o + 2], s[o + 3], posted,
                     )  # fmt: skip
+        if chains == 2:
+            for i in range(8):
+                s[i] += s[8 + i]
         step = NEG_INF
         for i in range(4):
             tok = t0 + 2 * t + (i & 1) + 8 * (i >> 1)
@@ -272,9 +277,23 @@ def make_consume(group: int, head_dim: int) -> Any:
             total += p[i]
         b0 = v5._pack_f16(p[0], p[1])
         b1 = v5._pack_f16(p[2], p[3])
-        # rescale the sums of heads 2t and 2t + 1, then add this tile's
         alpha0 = _lane_value(alpha, 8 * t, swap)
         alpha1 = _lane_value(alpha, 8 * t + 4, swap)
+        return top, total, b0, b1, alpha0, alpha1
+
+    return logits
+
+
+@functools.cache
+def make_accumulate(head_dim: int) -> Any:
+    """The device function that adds a tile's ``V^T P^T`` to the accumulators, the sums so
+    far of heads ``2t`` and ``2t + 1`` first rescaled: the second half of ``make_consume``'s
+    step, after which the V registers are free."""
+    v_pieces = head_dim // PIECE // 8
+    tiles_m = head_dim // 16
+
+    @cuda.jit(device=True, **INLINE)
+    def accumulate(v_regs, acc, b0, b1, alpha0, alpha1, posted):
         for j in range(tiles_m):
             u, w = j >> 2, j & 3
             x0 = v_regs[4 * (0 * v_pieces + u) + w]
@@ -287,6 +306,27 @@ def make_consume(group: int, head_dim: int) -> Any:
                 acc[o] * alpha0, acc[o + 1] * alpha1, acc[o + 2] * alpha0,
                 acc[o + 3] * alpha1, posted,
             )  # fmt: skip
+
+    return accumulate
+
+
+@functools.cache
+def make_consume(group: int, head_dim: int, chains: int = 1) -> Any:
+    """The device function that folds one tile of 16 tokens, already in a lane's registers as
+    ``load_tile`` leaves them, into its heads' running softmax and sums: ``make_logits``'s
+    step, then ``make_accumulate``'s (versions 6 and 7 share it)."""
+    logits = make_logits(group, head_dim, chains)
+    accumulate = make_accumulate(head_dim)
+
+    @cuda.jit(device=True, **INLINE)
+    def consume(k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted):
+        """Fold the tile from ``t0`` (its words in ``k_regs`` and ``v_regs``) into head
+        ``g``'s running maximum ``top``, this lane's share ``total`` of its exp sum and the
+        accumulators ``acc``; returns the new ``(top, total)``."""
+        top, total, b0, b1, alpha0, alpha1 = logits(
+            k_regs, q, s, p, t0, end, top, total, scale, lane, t, swap, posted
+        )
+        accumulate(v_regs, acc, b0, b1, alpha0, alpha1, posted)
         return top, total
 
     return consume
@@ -342,12 +382,12 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
 
 
 @functools.cache
-def make_load_tile(head_dim: int, block_size: int, load: Any) -> Any:
+def make_load_tile(head_dim: int, block_size: int, load: Any, parts: str = "kv") -> Any:
     """The device function that starts the loads of one tile of a run: ``read_tile``'s pieces
-    of the 16 tokens from ``t0``, found through the run's block numbers ``ids`` (``ids[0]``
-    holds token ``start``, on a block boundary)."""
+    of the 16 tokens from ``t0`` (``parts``: its K and V, or one of them), found through the
+    run's block numbers ``ids`` (``ids[0]`` holds token ``start``, on a block boundary)."""
     shift = block_size.bit_length() - 1
-    read_tile = make_read_tile(head_dim, load)
+    read_tile = make_read_tile(head_dim, load, parts)
 
     @cuda.jit(device=True, **INLINE)
     def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
@@ -360,7 +400,9 @@ def make_load_tile(head_dim: int, block_size: int, load: Any) -> Any:
 
 
 @functools.cache
-def make_walk(group: int, head_dim: int, block_size: int, load: Any) -> Any:
+def make_walk(
+    group: int, head_dim: int, block_size: int, load: Any, chains: int = 1, early: bool = False
+) -> Any:
     """The device function that walks tokens ``start`` to ``end - 1`` of one sequence for one
     kv head (``start`` on a block boundary, ``ids`` the cache blocks from there on) and leaves
     head ``g``'s running maximum, this lane's share of its exp sum and its accumulators
@@ -368,10 +410,16 @@ def make_walk(group: int, head_dim: int, block_size: int, load: Any) -> Any:
 
     The even tiles land in ``k_even`` and ``v_even``, the odd ones in ``k_odd`` and ``v_odd``,
     and the two sets take turns: while one tile is folded in, the loads of the other are in
-    flight (the module's docstring says why not the plain way)."""
+    flight (the module's docstring says why not the plain way). ``chains``: ``make_logits``'s.
+    ``early`` (a tuning choice): a set's K registers take the loads of the tile after next as
+    soon as its tile's logits are made, and its V registers once the product with V is done,
+    instead of both after the whole step: the K of the tile after next is in flight during the
+    softmax and the product too."""
+    if early:
+        return _make_early_walk(group, head_dim, block_size, load, chains)
     acc_size = 4 * (head_dim // 16)
     load_tile = make_load_tile(head_dim, block_size, load)
-    consume = make_consume(group, head_dim)
+    consume = make_consume(group, head_dim, chains)
 
     @cuda.jit(device=True, **INLINE)
     def walk(
@@ -412,6 +460,69 @@ def make_walk(group: int, head_dim: int, block_size: int, load: Any) -> Any:
 
 
 @functools.cache
+def _make_early_walk(group: int, head_dim: int, block_size: int, load: Any, chains: int) -> Any:
+    """``make_walk``'s walk with ``early``: each step frees its K registers for the loads of
+    the tile after next as soon as its logits are made."""
+    acc_size = 4 * (head_dim // 16)
+    load_tile = make_load_tile(head_dim, block_size, load)
+    load_k = make_load_tile(head_dim, block_size, load, "k")
+    load_v = make_load_tile(head_dim, block_size, load, "v")
+    logits = make_logits(group, head_dim, chains)
+    accumulate = make_accumulate(head_dim)
+
+    @cuda.jit(device=True, **INLINE)
+    def step(
+        k_regs, v_regs, q, acc, s, p, key_words, value_words, ids, t0, start, end, base, head,
+        scale, top, total, lane, swap, posted,
+    ):  # fmt: skip
+        """Fold the tile from ``t0`` in and start the loads of the tile two on into the same
+        registers; returns the new ``(top, total)``."""
+        g = lane >> 2
+        t = lane & 3
+        after_next = t0 + 2 * TILE
+        top, total, b0, b1, alpha0, alpha1 = logits(
+            k_regs, q, s, p, t0, end, top, total, scale, lane, t, swap, posted
+        )
+        if after_next < end:
+            load_k(k_regs, v_regs, key_words, value_words, ids, after_next, start, end, base,
+                   head, g, t)  # fmt: skip
+        accumulate(v_regs, acc, b0, b1, alpha0, alpha1, posted)
+        if after_next < end:
+            load_v(k_regs, v_regs, key_words, value_words, ids, after_next, start, end, base,
+                   head, g, t)  # fmt: skip
+        return top, total
+
+    @cuda.jit(device=True, **INLINE)
+    def walk(
+        k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start, end,
+        base, head, scale, lane, swap, posted,
+    ):  # fmt: skip
+        g = lane >> 2
+        t = lane & 3
+        for i in range(acc_size):
+            acc[i] = float32(0.0)
+        top = NEG_INF
+        total = float32(0.0)
+        load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
+        if start + TILE < end:
+            load_tile(k_odd, v_odd, key_words, value_words, ids, start + TILE, start, end, base,
+                      head, g, t)  # fmt: skip
+        for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
+            top, total = step(
+                k_even, v_even, q, acc, s, p, key_words, value_words, ids, t0, start, end,
+                base, head, scale, top, total, lane, swap, posted,
+            )  # fmt: skip
+            if t0 + TILE < end:
+                top, total = step(
+                    k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, t0 + TILE, start,
+                    end, base, head, scale, top, total, lane, swap, posted,
+                )  # fmt: skip
+        return top, total
+
+    return walk
+
+
+@functools.cache
 def make_kernel(
     group: int,
     head_dim: int,
@@ -420,13 +531,16 @@ def make_kernel(
     min_blocks: int = 0,
     hint: str = "",
     heads: int = 1,
+    chains: int = 1,
+    early: bool = False,
 ) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
     warps a block over ``heads`` consecutive kv heads: warp ``w`` walks run ``w // heads``, of
     ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
     blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
-    its own choice); ``hint``: a cache qualifier for the loads of the cache."""
+    its own choice); ``hint``: a cache qualifier for the loads of the cache; ``chains`` and
+    ``early``: ``make_walk``'s tuning choices."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -446,7 +560,7 @@ def make_kernel(
     combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
     load_query = make_load_query(group, head_dim)
     write_run = make_write_run(group, head_dim, runs > 1)
-    walk = make_walk(group, head_dim, block_size, _load16)
+    walk = make_walk(group, head_dim, block_size, _load16, chains, early)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -507,7 +621,7 @@ def make_kernel(
             k_odd = cuda.local.array(k_words, uint32)
             v_odd = cuda.local.array(v_words, uint32)
             acc = cuda.local.array(acc_size, float32)
-            s = cuda.local.array(8, float32)
+            s = cuda.local.array(8 * chains, float32)
             p = cuda.local.array(4, float32)
             top, total = walk(
                 k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
@@ -695,10 +809,13 @@ def launch_v6(
     heads: int = 1,
     min_blocks: int = 0,
     hint: str = "",
+    chains: int = 1,
+    early: bool = False,
 ) -> None:
     """Launch version 6 on checked inputs: the partition kernel, then (for sequences of several
     partitions) version 5's merge kernel. ``partition_size`` None: ``choose_launch``'s pick
-    (and its warps and heads)."""
+    (and its warps and heads). ``min_blocks``, ``hint``, ``chains`` and ``early``: tuning
+    choices, as ``make_kernel`` takes them."""
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     if partition_size is None:
@@ -706,6 +823,7 @@ def launch_v6(
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
     heads = v.check_int("heads", heads, 1, MAX_WARPS)
+    chains = v.check_int("chains", chains, 1, 2)
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
         heads,
@@ -717,7 +835,9 @@ def launch_v6(
     parts = -(-a.max_seq_len // partition_size)
     runs = warps // heads
     shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
-    kernel = make_kernel(group, head_dim, block_size, warps, min_blocks, hint, heads)
+    kernel = make_kernel(
+        group, head_dim, block_size, warps, min_blocks, hint, heads, chains, bool(early)
+    )
     args = kernel_args(a, partition_size)
     v5.allow_shared(kernel, args, shared)
     kernel[(kv_heads // heads, num_seqs, parts), warps * WARP, 0, shared](*args)
