@@ -8,9 +8,8 @@
 
 1. SDPA on a contiguous cache, and version 6 at ``choose_launch``'s launch, on the benchmark's
    shuffled block tables and on tables that hold each sequence's blocks in order (a contiguous
-   cache read through a block table); on the shuffled tables also with its tuning choices
-   (``make_walk``'s): logits in two chains of products, the loads of the tile after next
-   started early, and both.
+   cache read through a block table); on the shuffled tables also with each of its tuning
+   choices (``make_walk``'s) and with all of them.
 2. (Not with ``--no-loads``.) Version 6's loads alone: the same grid, warps and tokens a warp,
    the same 16-byte loads of the same pieces into registers (version 6's own
    ``make_load_tile``), the sets of registers taking turns as version 6's do, but each tile
@@ -43,7 +42,7 @@ WARP = attention_v6.WARP
 TILE = attention_v6.TILE
 ONE_BLOCK_AN_SM = 150 * 1024  # shared memory a block asks for, so that an SM holds one
 LOADS = ((2, 0), (3, 0), (2, 64), (2, 128), (2, 256))  # loads alone: (sets, delay)
-VARIANTS = ((1, False), (2, False), (1, True), (2, True))  # version 6's (chains, early)
+VARIANTS = ((), ("unmasked",), ("lazy",), ("lockstep",), attention_v6.TUNING)  # version 6's
 
 
 @functools.cache
@@ -161,25 +160,25 @@ def probe(shape: gpu.AttentionShape, copy: float, timing: Any, loads: bool = Tru
     for name, a in batches:
         attention.launch_v2(a)
         want = a.out.copy_to_host()
-        for chains, early in VARIANTS if name == "shuffled" else VARIANTS[:1]:
+        for tuning in VARIANTS if name == "shuffled" else VARIANTS[:1]:
 
-            def launch_v6(a=a, chains=chains, early=early) -> None:
-                attention_v6.launch_v6(a, chains=chains, early=early)
+            def launch_v6(a=a, tuning=tuning) -> None:
+                attention_v6.launch_v6(a, tuning=tuning)
 
             a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
             launch_v6()
             diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-            variant = f", {chains} chains" * (chains > 1) + ", early" * early
+            variant = "".join(f", {x}" for x in tuning)
             show(f"v6{variant}, tables {name} (|diff| {diff:.1e})",
                  gpu.time_ms(launch_v6, timing))  # fmt: skip
     if not config.ENABLE_CUDASIM:
         group = shape.heads // shape.kv_heads
-        for chains, early in VARIANTS:
+        for tuning in VARIANTS:
             kernel = attention_v6.make_kernel(
-                group, shape.head_dim, shape.block_size, warps, 0, "", heads, chains, early
+                group, shape.head_dim, shape.block_size, warps, 0, "", heads, tuple(sorted(tuning))
             )
             for compiled in kernel.overloads.values():
-                print(f"  v6, {chains} chains, early {early}: {_registers(compiled)}")
+                print(f"  v6 {'+'.join(tuning) or 'as is'}: {_registers(compiled)}")
     if not loads:
         return
     runs = warps // heads

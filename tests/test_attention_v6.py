@@ -59,17 +59,24 @@ def test_v6_matches_reference(case: tuple) -> None:
     close(out, expected(args), np.float16)
 
 
-@pytest.mark.parametrize("chains, early", [(2, False), (1, True), (2, True)])
-def test_v6_tuning_variants_match_reference(chains: int, early: bool) -> None:
-    """Logits summed in two chains, and the loads of the tile after next started step by
-    step: the same attention, on runs of 1 to 3 tiles (the last partly past the end) and 1
-    to 3 partitions."""
+@pytest.mark.parametrize("tuning", [("unmasked",), ("lazy",), ("lockstep",), attention_v6.TUNING])
+def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
+    """Whole tiles loaded without tests, sums rescaled only when a maximum grew, and the warps
+    of a run keeping pace: the same attention, on runs of 1 to 3 tiles (the last partly past
+    the end) and 1 to 3 partitions."""
     rng = np.random.default_rng(1)
     args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 64, 16), 0.125)
     a = attention.prepare_attention(*args)
     a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-    attention_v6.launch_v6(a, 96, 4, 2, chains=chains, early=early)
+    attention_v6.launch_v6(a, 96, 4, 2, tuning=tuning)
     close(a.result(), expected(args), np.float16)
+
+
+def test_v6_refuses_an_unknown_tuning_choice() -> None:
+    rng = np.random.default_rng(1)
+    a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))
+    with pytest.raises(InvalidRequest, match="unknown tuning"):
+        attention_v6.launch_v6(a, 32, tuning=("fast",))
 
 
 def test_v6_on_its_own_launch_choice() -> None:

@@ -81,6 +81,7 @@ INLINE = v3.INLINE
 SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _lane_value
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
+TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices
 
 
 if config.ENABLE_CUDASIM:
@@ -110,6 +111,23 @@ if config.ENABLE_CUDASIM:
         y = mine[src]
         v5._syncwarp()
         return y
+
+    @cuda.jit(device=True)
+    def _any_lane(x, swap):
+        """Simulator ``any_sync``: whether ``x`` holds in any lane of this warp."""
+        lane = cuda.threadIdx.x % WARP
+        mine = swap[(cuda.threadIdx.x - lane) :][:WARP]
+        mine[lane] = float32(1.0) if x else float32(0.0)
+        v5._syncwarp()
+        y = False
+        for i in range(WARP):
+            y = y or mine[i] != float32(0.0)
+        v5._syncwarp()
+        return y
+
+    @cuda.jit(device=True)
+    def _run_barrier(barrier, threads):
+        """Simulator: nothing (the warps of a run group keeping pace changes no result)."""
 
 else:
     from llvmlite import ir
@@ -147,6 +165,24 @@ else:
     def _lane_value(x, src, swap):
         """``x`` of lane ``src`` of this warp (a warp shuffle; every lane must call it)."""
         return cuda.shfl_sync(0xFFFFFFFF, x, src)
+
+    @cuda.jit(device=True, **INLINE)
+    def _any_lane(x, swap):
+        """Whether ``x`` holds in any lane of this warp (a vote; every lane must call it)."""
+        return cuda.any_sync(0xFFFFFFFF, x)
+
+    @intrinsic
+    def _run_barrier(typingctx, barrier, threads):  # noqa: ANN001, ANN202
+        """``bar.sync barrier, threads``: the ``threads`` threads (whole warps) that name
+        hardware barrier ``barrier`` (1 to 15; 0 is ``syncthreads``') wait for each other."""
+        sig = types.void(types.int32, types.int32)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(ir.VoidType(), [_I32, _I32])
+            builder.asm(fn, "bar.sync $0, $1;", "r,r", list(args), True)
+            return context.get_dummy_value()
+
+        return sig, codegen
 
 
 @cuda.jit(device=True, **INLINE)
@@ -192,17 +228,17 @@ def make_load_query(group: int, head_dim: int) -> Any:
 
 
 @functools.cache
-def make_read_tile(head_dim: int, load: Any, parts: str = "kv") -> Any:
+def make_read_tile(head_dim: int, load: Any, masked: bool = True) -> Any:
     """The device function that fills lane ``(g, t)``'s registers with a tile of 16 tokens:
     K pieces ``t + 4 i`` of tokens ``g`` and ``g + 8``, V pieces ``g + 8 u`` of tokens ``2t,
     2t + 1, 2t + 8, 2t + 9`` (the order ``make_consume`` folds them in), each 16 bytes by
     ``load(words, at)``; the words of tokens past ``end`` are zeros (no load). The tile's
     first K row starts at ``k_words[k_at]`` and its first V row at ``v_words[v_at]``, the
     next rows ``stride`` words on: version 6 reads the cache in global memory, version 7 a
-    copy of it in shared memory. ``parts``: ``"k"`` or ``"v"`` fills only those registers."""
-    k_pieces = head_dim // PIECE // 4 if "k" in parts else 0
+    copy of it in shared memory. ``masked`` False: every token of the tile is before ``end``,
+    and no load asks."""
+    k_pieces = head_dim // PIECE // 4
     v_pieces = head_dim // PIECE // 8
-    v_rows = 4 if "v" in parts else 0
 
     @cuda.jit(device=True, **INLINE)
     def read_tile(k_regs, v_regs, k_words, k_at, v_words, v_at, stride, t0, end, g, t):
@@ -210,16 +246,16 @@ def make_read_tile(head_dim: int, load: Any, parts: str = "kv") -> Any:
             tok = g + 8 * r
             for i in range(k_pieces):
                 o = 4 * (r * k_pieces + i)
-                if t0 + tok < end:
+                if not masked or t0 + tok < end:
                     w0, w1, w2, w3 = load(k_words, k_at + tok * stride + PIECE // 2 * (t + 4 * i))
                 else:
                     w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
                 k_regs[o], k_regs[o + 1], k_regs[o + 2], k_regs[o + 3] = w0, w1, w2, w3
-        for r in range(v_rows):
+        for r in range(4):
             tok = 2 * t + (r & 1) + 8 * (r >> 1)
             for u in range(v_pieces):
                 o = 4 * (r * v_pieces + u)
-                if t0 + tok < end:
+                if not masked or t0 + tok < end:
                     w0, w1, w2, w3 = load(v_words, v_at + tok * stride + PIECE // 2 * (g + 8 * u))
                 else:
                     w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
@@ -229,37 +265,35 @@ def make_read_tile(head_dim: int, load: Any, parts: str = "kv") -> Any:
 
 
 @functools.cache
-def make_logits(group: int, head_dim: int, chains: int = 1) -> Any:
-    """The device function that makes a tile's probabilities from its K words: the first half
-    of ``make_consume``'s step, after which the K registers are free. ``chains`` 2: each
-    token's logit is summed over the head's dimensions in two independent chains of products
-    (``s`` then holds 16 floats), half as long, added at the end; one chain is ``head_dim //
-    16`` of ``mma``'s latencies in a row (a tuning choice)."""
+def make_consume(group: int, head_dim: int, lazy: bool = False) -> Any:
+    """The device function that folds one tile of 16 tokens, already in a lane's registers as
+    ``load_tile`` leaves them, into its heads' running softmax and sums (versions 6 and 7
+    share it). ``lazy`` (a tuning choice): the sums are rescaled only when some head's
+    maximum grew in the warp (after the first tiles it seldom does), instead of multiplied
+    by 1 at every tile."""
     k_pieces = head_dim // PIECE // 4
+    v_pieces = head_dim // PIECE // 8
+    tiles_m = head_dim // 16
 
     @cuda.jit(device=True, **INLINE)
-    def logits(k_regs, q, s, p, t0, end, top, total, scale, lane, t, swap, posted):
-        """Returns ``(top, total, b0, b1, alpha0, alpha1)``: head ``g``'s new running maximum
-        and this lane's share of its exp sum (rescaled, this tile's added), the tile's
-        probabilities as ``P^T``'s B fragment, and the factors by which the sums so far of
-        heads ``2t`` and ``2t + 1`` shrink."""
+    def consume(k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted):
+        """Fold the tile from ``t0`` (its words in ``k_regs`` and ``v_regs``) into head
+        ``g``'s running maximum ``top``, this lane's share ``total`` of its exp sum and the
+        accumulators ``acc``; returns the new ``(top, total)``."""
         # logits of head g, tokens 2t, 2t + 1 (s[0:2]) and 2t + 8, 2t + 9 (s[4:6])
-        for i in range(8 * chains):
+        for i in range(8):
             s[i] = float32(0.0)
         for i in range(k_pieces):
             for h in range(2):
                 w = 4 * i + 2 * h
                 a0, a2 = q[w], q[w + 1]
                 for r in range(2):
-                    o = 4 * r + (8 * h if chains == 2 else 0)
-                    b0, b1 = k_regs[4 * r * k_pieces + w], k_regs[4 * r * k_pieces + w + 1]
+                    o = 4 * r
+                    b0, b1 = k_regs[o * k_pieces + w], k_regs[o * k_pieces + w + 1]
                     s[o], s[o + 1], s[o + 2], s[o + 3] = v5._mma(
                         a0, uint32(0), a2, uint32(0), b0, b1,
                         s[o], s[o + 1], s[o + 2], s[o + 3], posted,
                     )  # fmt: skip
-        if chains == 2:
-            for i in range(8):
-                s[i] += s[8 + i]
         step = NEG_INF
         for i in range(4):
             tok = t0 + 2 * t + (i & 1) + 8 * (i >> 1)
@@ -277,23 +311,17 @@ def make_logits(group: int, head_dim: int, chains: int = 1) -> Any:
             total += p[i]
         b0 = v5._pack_f16(p[0], p[1])
         b1 = v5._pack_f16(p[2], p[3])
+        # rescale the sums of heads 2t and 2t + 1, then add this tile's
         alpha0 = _lane_value(alpha, 8 * t, swap)
         alpha1 = _lane_value(alpha, 8 * t + 4, swap)
-        return top, total, b0, b1, alpha0, alpha1
-
-    return logits
-
-
-@functools.cache
-def make_accumulate(head_dim: int) -> Any:
-    """The device function that adds a tile's ``V^T P^T`` to the accumulators, the sums so
-    far of heads ``2t`` and ``2t + 1`` first rescaled: the second half of ``make_consume``'s
-    step, after which the V registers are free."""
-    v_pieces = head_dim // PIECE // 8
-    tiles_m = head_dim // 16
-
-    @cuda.jit(device=True, **INLINE)
-    def accumulate(v_regs, acc, b0, b1, alpha0, alpha1, posted):
+        if lazy:
+            if _any_lane(alpha0 != float32(1.0) or alpha1 != float32(1.0), swap):
+                for j in range(tiles_m):
+                    acc[4 * j] *= alpha0
+                    acc[4 * j + 1] *= alpha1
+                    acc[4 * j + 2] *= alpha0
+                    acc[4 * j + 3] *= alpha1
+            alpha0 = alpha1 = float32(1.0)
         for j in range(tiles_m):
             u, w = j >> 2, j & 3
             x0 = v_regs[4 * (0 * v_pieces + u) + w]
@@ -306,27 +334,6 @@ def make_accumulate(head_dim: int) -> Any:
                 acc[o] * alpha0, acc[o + 1] * alpha1, acc[o + 2] * alpha0,
                 acc[o + 3] * alpha1, posted,
             )  # fmt: skip
-
-    return accumulate
-
-
-@functools.cache
-def make_consume(group: int, head_dim: int, chains: int = 1) -> Any:
-    """The device function that folds one tile of 16 tokens, already in a lane's registers as
-    ``load_tile`` leaves them, into its heads' running softmax and sums: ``make_logits``'s
-    step, then ``make_accumulate``'s (versions 6 and 7 share it)."""
-    logits = make_logits(group, head_dim, chains)
-    accumulate = make_accumulate(head_dim)
-
-    @cuda.jit(device=True, **INLINE)
-    def consume(k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted):
-        """Fold the tile from ``t0`` (its words in ``k_regs`` and ``v_regs``) into head
-        ``g``'s running maximum ``top``, this lane's share ``total`` of its exp sum and the
-        accumulators ``acc``; returns the new ``(top, total)``."""
-        top, total, b0, b1, alpha0, alpha1 = logits(
-            k_regs, q, s, p, t0, end, top, total, scale, lane, t, swap, posted
-        )
-        accumulate(v_regs, acc, b0, b1, alpha0, alpha1, posted)
         return top, total
 
     return consume
@@ -382,27 +389,34 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
 
 
 @functools.cache
-def make_load_tile(head_dim: int, block_size: int, load: Any, parts: str = "kv") -> Any:
+def make_load_tile(head_dim: int, block_size: int, load: Any, unmasked: bool = False) -> Any:
     """The device function that starts the loads of one tile of a run: ``read_tile``'s pieces
-    of the 16 tokens from ``t0`` (``parts``: its K and V, or one of them), found through the
-    run's block numbers ``ids`` (``ids[0]`` holds token ``start``, on a block boundary)."""
+    of the 16 tokens from ``t0``, found through the run's block numbers ``ids`` (``ids[0]``
+    holds token ``start``, on a block boundary). ``unmasked`` (a tuning choice): a whole tile
+    (all before ``end``) is loaded without a test a load, a tile that ends past ``end``
+    with them: one test a tile instead of one a row."""
     shift = block_size.bit_length() - 1
-    read_tile = make_read_tile(head_dim, load, parts)
+    read_tile = make_read_tile(head_dim, load)
+    read_whole = make_read_tile(head_dim, load, False)
 
     @cuda.jit(device=True, **INLINE)
     def load_tile(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
         """``base``: words from one token's row to the next; ``head``: the kv head's first
         word in a row."""
         at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
-        read_tile(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
+        if unmasked and t0 + TILE <= end:
+            read_whole(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
+        else:
+            read_tile(k_regs, v_regs, key_words, at, value_words, at, base, t0, end, g, t)
 
     return load_tile
 
 
 @functools.cache
 def make_walk(
-    group: int, head_dim: int, block_size: int, load: Any, chains: int = 1, early: bool = False
-) -> Any:
+    group: int, head_dim: int, block_size: int, load: Any, tuning: tuple[str, ...] = (),
+    heads: int = 1,
+) -> Any:  # fmt: skip
     """The device function that walks tokens ``start`` to ``end - 1`` of one sequence for one
     kv head (``start`` on a block boundary, ``ids`` the cache blocks from there on) and leaves
     head ``g``'s running maximum, this lane's share of its exp sum and its accumulators
@@ -410,16 +424,18 @@ def make_walk(
 
     The even tiles land in ``k_even`` and ``v_even``, the odd ones in ``k_odd`` and ``v_odd``,
     and the two sets take turns: while one tile is folded in, the loads of the other are in
-    flight (the module's docstring says why not the plain way). ``chains``: ``make_logits``'s.
-    ``early`` (a tuning choice): a set's K registers take the loads of the tile after next as
-    soon as its tile's logits are made, and its V registers once the product with V is done,
-    instead of both after the whole step: the K of the tile after next is in flight during the
-    softmax and the product too."""
-    if early:
-        return _make_early_walk(group, head_dim, block_size, load, chains)
+    flight (the module's docstring says why not the plain way).
+
+    ``tuning``, choices measured in docs/benchmarks.md: ``"unmasked"`` (``make_load_tile``'s),
+    ``"lazy"`` (``make_consume``'s) and ``"lockstep"``: the ``heads`` warps of a block that
+    walk the same run (of neighbouring kv heads: neighbouring bytes of the same rows, and as
+    many tiles) wait for each other at every pair of tiles, so that they read those rows
+    together."""
     acc_size = 4 * (head_dim // 16)
-    load_tile = make_load_tile(head_dim, block_size, load)
-    consume = make_consume(group, head_dim, chains)
+    load_tile = make_load_tile(head_dim, block_size, load, "unmasked" in tuning)
+    consume = make_consume(group, head_dim, "lazy" in tuning)
+    lockstep = "lockstep" in tuning and heads > 1
+    run_threads = heads * WARP
 
     @cuda.jit(device=True, **INLINE)
     def walk(
@@ -436,6 +452,8 @@ def make_walk(
         total = float32(0.0)
         load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
         for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
+            if lockstep:
+                _run_barrier(int32(1 + cuda.threadIdx.x // run_threads), int32(run_threads))
             t1 = t0 + TILE
             if t1 < end:
                 load_tile(
@@ -460,69 +478,6 @@ def make_walk(
 
 
 @functools.cache
-def _make_early_walk(group: int, head_dim: int, block_size: int, load: Any, chains: int) -> Any:
-    """``make_walk``'s walk with ``early``: each step frees its K registers for the loads of
-    the tile after next as soon as its logits are made."""
-    acc_size = 4 * (head_dim // 16)
-    load_tile = make_load_tile(head_dim, block_size, load)
-    load_k = make_load_tile(head_dim, block_size, load, "k")
-    load_v = make_load_tile(head_dim, block_size, load, "v")
-    logits = make_logits(group, head_dim, chains)
-    accumulate = make_accumulate(head_dim)
-
-    @cuda.jit(device=True, **INLINE)
-    def step(
-        k_regs, v_regs, q, acc, s, p, key_words, value_words, ids, t0, start, end, base, head,
-        scale, top, total, lane, swap, posted,
-    ):  # fmt: skip
-        """Fold the tile from ``t0`` in and start the loads of the tile two on into the same
-        registers; returns the new ``(top, total)``."""
-        g = lane >> 2
-        t = lane & 3
-        after_next = t0 + 2 * TILE
-        top, total, b0, b1, alpha0, alpha1 = logits(
-            k_regs, q, s, p, t0, end, top, total, scale, lane, t, swap, posted
-        )
-        if after_next < end:
-            load_k(k_regs, v_regs, key_words, value_words, ids, after_next, start, end, base,
-                   head, g, t)  # fmt: skip
-        accumulate(v_regs, acc, b0, b1, alpha0, alpha1, posted)
-        if after_next < end:
-            load_v(k_regs, v_regs, key_words, value_words, ids, after_next, start, end, base,
-                   head, g, t)  # fmt: skip
-        return top, total
-
-    @cuda.jit(device=True, **INLINE)
-    def walk(
-        k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start, end,
-        base, head, scale, lane, swap, posted,
-    ):  # fmt: skip
-        g = lane >> 2
-        t = lane & 3
-        for i in range(acc_size):
-            acc[i] = float32(0.0)
-        top = NEG_INF
-        total = float32(0.0)
-        load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
-        if start + TILE < end:
-            load_tile(k_odd, v_odd, key_words, value_words, ids, start + TILE, start, end, base,
-                      head, g, t)  # fmt: skip
-        for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
-            top, total = step(
-                k_even, v_even, q, acc, s, p, key_words, value_words, ids, t0, start, end,
-                base, head, scale, top, total, lane, swap, posted,
-            )  # fmt: skip
-            if t0 + TILE < end:
-                top, total = step(
-                    k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, t0 + TILE, start,
-                    end, base, head, scale, top, total, lane, swap, posted,
-                )  # fmt: skip
-        return top, total
-
-    return walk
-
-
-@functools.cache
 def make_kernel(
     group: int,
     head_dim: int,
@@ -531,16 +486,15 @@ def make_kernel(
     min_blocks: int = 0,
     hint: str = "",
     heads: int = 1,
-    chains: int = 1,
-    early: bool = False,
+    tuning: tuple[str, ...] = (),
 ) -> Any:
     """The partition kernel for ``group`` query heads per kv head, float16 rows of ``head_dim``
     values (a multiple of 64), blocks of ``block_size`` tokens (whole tiles) and ``warps``
     warps a block over ``heads`` consecutive kv heads: warp ``w`` walks run ``w // heads``, of
     ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
     blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
-    its own choice); ``hint``: a cache qualifier for the loads of the cache; ``chains`` and
-    ``early``: ``make_walk``'s tuning choices."""
+    its own choice); ``hint``: a cache qualifier for the loads of the cache; ``tuning``:
+    ``make_walk``'s."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -560,7 +514,7 @@ def make_kernel(
     combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
     load_query = make_load_query(group, head_dim)
     write_run = make_write_run(group, head_dim, runs > 1)
-    walk = make_walk(group, head_dim, block_size, _load16, chains, early)
+    walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -621,7 +575,7 @@ def make_kernel(
             k_odd = cuda.local.array(k_words, uint32)
             v_odd = cuda.local.array(v_words, uint32)
             acc = cuda.local.array(acc_size, float32)
-            s = cuda.local.array(8 * chains, float32)
+            s = cuda.local.array(8, float32)
             p = cuda.local.array(4, float32)
             top, total = walk(
                 k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
@@ -809,13 +763,12 @@ def launch_v6(
     heads: int = 1,
     min_blocks: int = 0,
     hint: str = "",
-    chains: int = 1,
-    early: bool = False,
+    tuning: tuple[str, ...] = (),
 ) -> None:
     """Launch version 6 on checked inputs: the partition kernel, then (for sequences of several
     partitions) version 5's merge kernel. ``partition_size`` None: ``choose_launch``'s pick
-    (and its warps and heads). ``min_blocks``, ``hint``, ``chains`` and ``early``: tuning
-    choices, as ``make_kernel`` takes them."""
+    (and its warps and heads). ``min_blocks``, ``hint`` and ``tuning``: tuning choices, as
+    ``make_kernel`` takes them."""
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     if partition_size is None:
@@ -823,7 +776,9 @@ def launch_v6(
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
     heads = v.check_int("heads", heads, 1, MAX_WARPS)
-    chains = v.check_int("chains", chains, 1, 2)
+    unknown = set(tuning) - set(TUNING)
+    if unknown:
+        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {TUNING}")
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
         heads,
@@ -836,7 +791,7 @@ def launch_v6(
     runs = warps // heads
     shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
     kernel = make_kernel(
-        group, head_dim, block_size, warps, min_blocks, hint, heads, chains, bool(early)
+        group, head_dim, block_size, warps, min_blocks, hint, heads, tuple(sorted(tuning))
     )
     args = kernel_args(a, partition_size)
     v5.allow_shared(kernel, args, shared)
