@@ -235,8 +235,8 @@ def make_read_tile(head_dim: int, load: Any, masked: bool = True) -> Any:
     ``load(words, at)``; the words of tokens past ``end`` are zeros (no load). The tile's
     first K row starts at ``k_words[k_at]`` and its first V row at ``v_words[v_at]``, the
     next rows ``stride`` words on: version 6 reads the cache in global memory, version 7 a
-    copy of it in shared memory. ``masked`` False: every token of the tile is before ``end``,
-    and no load asks."""
+    copy of it in shared memory. ``masked`` False: the caller knows every token of the tile
+    is before ``end``, and no load is tested."""
     k_pieces = head_dim // PIECE // 4
     v_pieces = head_dim // PIECE // 8
 
@@ -426,11 +426,11 @@ def make_walk(
     and the two sets take turns: while one tile is folded in, the loads of the other are in
     flight (the module's docstring says why not the plain way).
 
-    ``tuning``, choices measured in docs/benchmarks.md: ``"unmasked"`` (``make_load_tile``'s),
-    ``"lazy"`` (``make_consume``'s) and ``"lockstep"``: the ``heads`` warps of a block that
-    walk the same run (of neighbouring kv heads: neighbouring bytes of the same rows, and as
-    many tiles) wait for each other at every pair of tiles, so that they read those rows
-    together."""
+    ``tuning``, choices described in docs/benchmarks.md (not yet timed on a GPU):
+    ``"unmasked"`` (``make_load_tile``'s), ``"lazy"`` (``make_consume``'s) and
+    ``"lockstep"``: the ``heads`` warps of a block that walk the same run (of neighbouring kv
+    heads: neighbouring bytes of the same rows, and as many tiles) wait for each other at
+    every pair of tiles, so that they read those rows together."""
     acc_size = 4 * (head_dim // 16)
     load_tile = make_load_tile(head_dim, block_size, load, "unmasked" in tuning)
     consume = make_consume(group, head_dim, "lazy" in tuning)
