@@ -8,8 +8,8 @@
 
 1. SDPA on a contiguous cache, and version 6 at ``choose_launch``'s launch, on the benchmark's
    shuffled block tables and on tables that hold each sequence's blocks in order (a contiguous
-   cache read through a block table); on the shuffled tables also with each of its tuning
-   choices (``make_walk``'s) and with all of them.
+   cache read through a block table), as ``launch_v6`` makes it (all of ``make_walk``'s
+   tuning choices); on the shuffled tables also with none of them and with each alone.
 2. (Not with ``--no-loads``.) Version 6's loads alone: the same grid, warps and tokens a warp,
    the same 16-byte loads of the same pieces into registers (version 6's own
    ``make_load_tile``), the sets of registers taking turns as version 6's do, but each tile
@@ -42,7 +42,7 @@ WARP = attention_v6.WARP
 TILE = attention_v6.TILE
 ONE_BLOCK_AN_SM = 150 * 1024  # shared memory a block asks for, so that an SM holds one
 LOADS = ((2, 0), (3, 0), (2, 64), (2, 128), (2, 256))  # loads alone: (sets, delay)
-VARIANTS = ((), ("unmasked",), ("lazy",), ("lockstep",), attention_v6.TUNING)  # version 6's
+VARIANTS = (attention_v6.TUNING, (), ("unmasked",), ("lazy",), ("lockstep",))  # version 6's
 
 
 @functools.cache
@@ -168,7 +168,7 @@ def probe(shape: gpu.AttentionShape, copy: float, timing: Any, loads: bool = Tru
             a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
             launch_v6()
             diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-            variant = "".join(f", {x}" for x in tuning)
+            variant = _variant(tuning)
             show(f"v6{variant}, tables {name} (|diff| {diff:.1e})",
                  gpu.time_ms(launch_v6, timing))  # fmt: skip
     if not config.ENABLE_CUDASIM:
@@ -178,7 +178,7 @@ def probe(shape: gpu.AttentionShape, copy: float, timing: Any, loads: bool = Tru
                 group, shape.head_dim, shape.block_size, warps, 0, "", heads, tuple(sorted(tuning))
             )
             for compiled in kernel.overloads.values():
-                print(f"  v6 {'+'.join(tuning) or 'as is'}: {_registers(compiled)}")
+                print(f"  v6{_variant(tuning) or ', as launched'}: {_registers(compiled)}")
     if not loads:
         return
     runs = warps // heads
@@ -213,6 +213,13 @@ def probe(shape: gpu.AttentionShape, copy: float, timing: Any, loads: bool = Tru
             kernel = loads_only(shape.head_dim, 16, warps, heads, sets, delay)
             for compiled in kernel.overloads.values():
                 print(f"  loads alone, {sets} sets, {delay} IMADs: {_registers(compiled)}")
+
+
+def _variant(tuning: tuple[str, ...]) -> str:
+    """How a line names version 6 with these tuning choices ("": as ``launch_v6`` makes it)."""
+    if tuple(sorted(tuning)) == attention_v6.TUNING:
+        return ""
+    return ", " + ("+".join(tuning) or "no tuning choices")
 
 
 def _registers(compiled: Any) -> str:

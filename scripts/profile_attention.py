@@ -5,12 +5,13 @@
 
 Runs each of ``WHICH`` twice (the first launch compiles), then stops: a comma-separated list of
 ``v2``, ``v3``, ``v4``, ``v5`` (as ``paged_attention`` picks its launch), ``v6``
-(``choose_launch``'s pick; ``v6+lazy``, ``v6+unmasked+lockstep`` and so on with those of
-``make_walk``'s tuning choices), ``v7`` (partitions of 4096 tokens, blocks of 8 warps over 4 kv
-heads, 3 stages: version 6's pick at 64 x 4096, 32/8; compute capability 9.0 only), ``v8``
-(``choose_launch``'s pick) and ``sdpa`` (PyTorch's ``scaled_dot_product_attention`` on a
-contiguous cache of the same shape); all but ``v7`` by default. The other defaults are the
-issue's 64 x 4096, 32 query heads over 8 kv heads, float16, head_dim 128, block 16.
+(``choose_launch``'s pick, with all of ``make_walk``'s tuning choices; ``v6+lazy``,
+``v6+unmasked+lockstep`` and so on with only those, ``v6+`` with none), ``v7`` (partitions
+of 4096 tokens, blocks of 8 warps over 4 kv heads, 3 stages: version 6's pick at 64 x 4096,
+32/8; compute capability 9.0 only), ``v8`` (``choose_launch``'s pick) and ``sdpa``
+(PyTorch's ``scaled_dot_product_attention`` on a contiguous cache of the same shape); all but
+``v7`` by default. The other defaults are the issue's 64 x 4096, 32 query heads over 8 kv
+heads, float16, head_dim 128, block 16.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ for _ in range(2):
         if name == "sdpa":
             gpu.sdpa_ms(shape, gpu.Timing())  # (times it too: profile its first launch)
         elif name.startswith("v6+"):
-            attention_v6.launch_v6(a, tuning=tuple(name.split("+")[1:]))
+            attention_v6.launch_v6(a, tuning=tuple(x for x in name.split("+")[1:] if x))
         else:
             RUNS[name](a)
 cuda.synchronize()
