@@ -81,7 +81,7 @@ INLINE = v3.INLINE
 SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _lane_value
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
-TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on by default
+TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
 
 
 if config.ENABLE_CUDASIM:
