@@ -59,9 +59,7 @@ def test_v6_matches_reference(case: tuple) -> None:
     close(out, expected(args), np.float16)
 
 
-@pytest.mark.parametrize(
-    "tuning", [(), ("unmasked",), ("lazy",), ("lockstep",), attention_v6.TUNING]
-)
+@pytest.mark.parametrize("tuning", [(), *((x,) for x in attention_v6.TUNING), attention_v6.TUNING])
 def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
     """Whole tiles loaded without tests, sums rescaled only when a maximum grew, and the warps
     of a run keeping pace (each alone, all three as ``launch_v6`` makes them, and none): the
