@@ -1,0 +1,293 @@
+"""When do version 6's warps end? The tail of a launch that runs in one wave.
+
+    python3 scripts/probe_tail.py [batch ...]
+
+``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (the default). At 64 x 4096 every warp of
+version 6's launch (``choose_launch``'s) runs at once, and the kernel lasts as long as its
+slowest warp: while the last warps finish, fewer loads are in flight than the memory wants.
+If version 6's warps end further apart than those of its loads alone (which read the cache in
+SDPA's time), that spread is where its time goes, and dealing the work out as the warps ask
+for it would win it back; if they end as close together, it is not.
+
+For every warp this probe records the GPU's global timer (nanoseconds) when the warp starts
+and when it has walked its run, and the SM it ran on, in kernels that are version 6's launch
+without its last step (``write_run`` and ``combine_warps``, a few microseconds):
+
+- ``v6``: version 6's walk as ``launch_v6`` makes it (all of ``make_walk``'s tuning choices);
+- ``loads``: its loads alone, the same loads in the same order into the same two sets of
+  registers, each tile only XORed into one word (as ``probe_walk.py``'s);
+- ``loads+128``: the loads alone with a chain of 128 dependent integer multiply-adds after
+  each tile (about as long as version 6's arithmetic a tile).
+
+For each it prints the time of the whole launch (CUDA events, ``minipaged bench``'s median),
+beside ``launch_v6`` and SDPA, and from the timer of one launch: the span from the first
+warp's start to the last one's end, when the warps started and ended (quantiles, in us from
+the first start), how long each warp took, how far apart the warps of one block and the last
+warps of each SM ended, and the share of the span the warp places were busy. In Numba's CUDA
+simulator the timer reads 0: it runs there (a tiny batch) to check the kernels only.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import config, cuda, float32, int32, uint32, uint64
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minipaged.bench import gpu  # noqa: E402
+from minipaged.kernels import attention_v5, attention_v6  # noqa: E402
+
+WARP = attention_v6.WARP
+TILE = attention_v6.TILE
+KINDS = ("v6", "loads", "loads+128")
+
+if config.ENABLE_CUDASIM:
+
+    @cuda.jit(device=True)
+    def _now():
+        """Simulator: 0 (it has no global timer)."""
+        return uint64(0)
+
+    @cuda.jit(device=True)
+    def _sm():
+        """Simulator: 0."""
+        return uint32(0)
+
+else:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    def _special(name: str, bits: int) -> Any:
+        """An intrinsic that reads special register ``%name`` (``bits`` wide)."""
+
+        @intrinsic
+        def read(typingctx):  # noqa: ANN001, ANN202
+            sig = (types.uint64 if bits == 64 else types.uint32)()
+
+            def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+                fn = ir.FunctionType(ir.IntType(bits), [])
+                return builder.asm(fn, f"mov.u{bits} $0, %{name};", "=l" if bits == 64 else "=r",
+                                   [], True)  # fmt: skip
+
+            return sig, codegen
+
+        return read
+
+    _now = _special("globaltimer", 64)
+    _sm = _special("smid", 32)
+
+
+@functools.cache
+def loads_walk(head_dim: int, block_size: int, delay: int) -> Any:
+    """A device function with ``make_walk``'s arguments that makes version 6's loads, in its
+    order, into its two sets of registers, but only XORs each tile into one word, then (with
+    ``delay``) runs a chain of that many dependent integer multiply-adds."""
+    load_tile = attention_v6.make_load_tile(
+        head_dim, block_size, attention_v6._make_load16(""), True
+    )
+    k_words = 2 * 4 * (head_dim // 8 // 4)
+    v_words = 4 * 4 * (head_dim // 8 // 8)
+
+    @cuda.jit(device=True, **attention_v6.INLINE)
+    def fold(k, v, x):  # noqa: ANN001, ANN202
+        for i in range(k_words):
+            x ^= k[i]
+        for i in range(v_words):
+            x ^= v[i]
+        for _ in range(delay):
+            x = x * x + uint32(1)
+        return x
+
+    @cuda.jit(device=True, **attention_v6.INLINE)
+    def walk(
+        k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start, end,
+        base, head, scale, lane, swap, posted,
+    ):  # fmt: skip
+        g = lane >> 2
+        t = lane & 3
+        x = uint32(0)
+        load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
+        for t0 in range(start, end, 2 * TILE):
+            t1 = t0 + TILE
+            if t1 < end:
+                load_tile(k_odd, v_odd, key_words, value_words, ids, t1, start, end, base, head,
+                          g, t)  # fmt: skip
+            x = fold(k_even, v_even, x)
+            if t1 < end:
+                if t1 + TILE < end:
+                    load_tile(k_even, v_even, key_words, value_words, ids, t1 + TILE, start, end,
+                              base, head, g, t)  # fmt: skip
+                x = fold(k_odd, v_odd, x)
+        return float32(x & uint32(0xFF)), float32(0.0)
+
+    return walk
+
+
+@functools.cache
+def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads: int,
+                   kind: str) -> Any:  # fmt: skip
+    """Version 6's partition kernel up to the end of its walk (``kind``: one of ``KINDS``),
+    each warp writing ``[start, end, sm]`` to ``stamps[warp]`` and each lane the sum of what it
+    holds to ``sink`` (so that nothing is left out as unused)."""
+    load = attention_v6._make_load16("")
+    if kind == "v6":
+        walk = attention_v6.make_walk(group, head_dim, block_size, load, attention_v6.TUNING,
+                                      heads)  # fmt: skip
+    else:
+        walk = loads_walk(head_dim, block_size, int(kind.partition("+")[2] or 0))
+    k_pieces = head_dim // 8 // 4
+    k_words, v_words, q_words = 8 * k_pieces, 8 * k_pieces, 4 * k_pieces
+    acc_size = 4 * (head_dim // 16)
+    row = head_dim // 2
+    shift = block_size.bit_length() - 1
+    runs = warps // heads
+    load_query = attention_v6.make_load_query(group, head_dim)
+    swap_words = attention_v6.SWAP
+
+    @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": warps * WARP}))
+    def kernel(stamps, sink, query_words, key_words, value_words, block_tables, seq_lens, scale,
+               partition_size):  # noqa: ANN001, ANN202  # fmt: skip
+        seq = cuda.blockIdx.y
+        part = cuda.blockIdx.z
+        lane = cuda.threadIdx.x % WARP
+        warp = cuda.threadIdx.x // WARP
+        kv_head = cuda.blockIdx.x * heads + warp % heads
+        block = (seq * cuda.gridDim.z + part) * cuda.gridDim.x + cuda.blockIdx.x
+        at = block * warps + warp
+        began = _now()
+        seq_len = seq_lens[seq]
+        sub = partition_size // runs
+        start = part * partition_size + warp // heads * sub
+        end = min(start + sub, seq_len)
+        num_heads = query_words.shape[0] * 2 // head_dim // seq_lens.shape[0]
+        id_words = -(-(sub >> shift) // 4) * 4
+        ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
+        smem = cuda.shared.array(0, float32)[warps * id_words :]
+        swap = smem[: warps * swap_words]  # (the simulator's, as version 6's)
+        posted = cuda.shared.array(0, uint32)[warps * (id_words + swap_words) :]
+        x = float32(0.0)
+        if start < seq_len:
+            table = block_tables[seq]
+            first = start >> shift
+            for i in range(lane, ((end - 1) >> shift) - first + 1, WARP):
+                ids[i] = table[first + i]
+            attention_v5._syncwarp()
+            g = lane >> 2
+            t = lane & 3
+            q = cuda.local.array(q_words, uint32)
+            load_query(q, query_words, seq, num_heads, kv_head, g, t)
+            k_even = cuda.local.array(k_words, uint32)
+            v_even = cuda.local.array(v_words, uint32)
+            k_odd = cuda.local.array(k_words, uint32)
+            v_odd = cuda.local.array(v_words, uint32)
+            acc = cuda.local.array(acc_size, float32)
+            s = cuda.local.array(8, float32)
+            p = cuda.local.array(4, float32)
+            top, total = walk(
+                k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
+                end, (num_heads // group) * row, kv_head * row, scale, lane, swap, posted,
+            )  # fmt: skip
+            x = top + total
+            for i in range(acc_size):
+                x += acc[i]
+        ended = _now()
+        sink[at * WARP + lane] = x
+        if lane == 0:
+            stamps[at, 0] = began
+            stamps[at, 1] = ended
+            stamps[at, 2] = uint64(_sm())
+
+    return kernel
+
+
+def _quantiles(x: np.ndarray) -> str:
+    q = np.quantile(x, [0, 0.01, 0.1, 0.5, 0.9, 0.99, 1])
+    return " / ".join(f"{v:7.1f}" for v in q)
+
+
+def report(stamps: np.ndarray, warps: int, ran: np.ndarray) -> None:
+    """Print what one launch's ``stamps`` say (``ran``: the warps that had tokens)."""
+    began = stamps[:, 0].astype(np.float64)
+    ended = stamps[:, 1].astype(np.float64)
+    zero = began.min()
+    began, ended = (began - zero) / 1e3, (ended - zero) / 1e3  # us from the first start
+    span = ended.max()
+    took = (ended - began)[ran]
+    print(f"    span {span:.1f} us; quantiles 0 / 1 / 10 / 50 / 90 / 99 / 100%:")
+    print(f"    started     {_quantiles(began)}")
+    print(f"    ended       {_quantiles(ended[ran])}")
+    print(f"    took        {_quantiles(took)}")
+    blocks = ended.reshape(-1, warps)
+    print(f"    ends within a block, last - first   {_quantiles(np.ptp(blocks, axis=1))}")
+    sms = stamps[:, 2]
+    last = np.array([ended[sms == sm].max() for sm in np.unique(sms)])
+    print(f"    each SM's last end ({len(last)} SMs)  {_quantiles(last)}")
+    busy = took.sum() / (len(ran) * span) if span > 0 else 0.0
+    mean_end = ended[ran].mean()
+    print(f"    warp places busy {100 * busy:.1f}% of the span; mean end {mean_end:.1f} us, "
+          f"{span - mean_end:.1f} us before the last")  # fmt: skip
+
+
+def probe(shape: gpu.AttentionShape, timing: Any) -> None:
+    """One batch: the launches' times, then each kind's stamps."""
+    print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
+    partition, warps, heads = attention_v6.choose_launch(
+        shape.seqs, shape.kv_heads, shape.context, shape.block_size
+    )
+    print(f"  launch: partition {partition}, {warps} warps a block over {heads} kv heads")
+    a = gpu.attention_inputs(shape, seed=3)
+    print(f"  SDPA (contiguous cache)      {1e3 * (gpu.sdpa_ms(shape, timing) or 0):8.1f} us")
+    ms = gpu.time_ms(lambda: attention_v6.launch_v6(a), timing)
+    print(f"  launch_v6                    {1e3 * ms:8.1f} us", flush=True)
+    group = shape.heads // shape.kv_heads
+    runs = warps // heads
+    parts = -(-shape.context // partition)
+    grid = (shape.kv_heads // heads, shape.seqs, parts)
+    n = int(np.prod(grid)) * warps
+    id_words = -(-(partition // runs // shape.block_size) // 4) * 4
+    shared = 4 * warps * (id_words + attention_v6.SWAP + attention_v6.POSTED)
+    stamps = cuda.device_array((n, 3), np.uint64)
+    sink = cuda.device_array(n * WARP, np.float32)
+    query, keys, values = attention_v6.words(a)
+    args = (stamps, sink, query, keys, values, a.block_tables, a.seq_lens, a.scale, partition)
+    at = np.arange(n)
+    starts = (at // warps // grid[0] % parts) * partition + (at % warps) // heads * (
+        partition // runs
+    )  # fmt: skip
+    ran = starts < a.host_seq_lens[at // warps // grid[0] // parts]
+    for kind in KINDS:
+        kernel = stamped_kernel(group, shape.head_dim, shape.block_size, warps, heads, kind)
+        attention_v5.allow_shared(kernel, args, shared)
+
+        def launch(k=kernel) -> None:
+            k[grid, warps * WARP, 0, shared](*args)
+
+        ms = gpu.time_ms(launch, timing)
+        print(f"  {kind:28s} {1e3 * ms:8.1f} us", flush=True)
+        for compiled in kernel.overloads.values():
+            print(f"    {compiled.regs_per_thread} registers, "
+                  f"{compiled.local_mem_per_thread} bytes of local memory a thread")  # fmt: skip
+        for _ in range(2):
+            launch()
+            cuda.synchronize()
+            report(stamps.copy_to_host(), warps, ran)
+
+
+def main() -> None:
+    timing = gpu.Timing(0, 1, 1) if config.ENABLE_CUDASIM else gpu.Timing()
+    print(gpu.device_name(), flush=True)
+    for name in sys.argv[1:] or ["64x4096/8"]:
+        seqs_context, kv = name.split("/")
+        seqs, context = map(int, seqs_context.split("x"))
+        probe(gpu.AttentionShape(seqs, context, 32, int(kv)), timing)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
