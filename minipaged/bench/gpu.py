@@ -80,10 +80,12 @@ def device_random(shape: tuple[int, ...], dtype: Any, seed: int) -> Any:
 
 def time_ms(launch: Callable[[], Any], timing: Timing) -> float:
     """Median milliseconds per call of ``launch``, which queues GPU work on the default stream."""
+    if timing.warmup:
+        launch()  # a first call may compile: its host time says nothing of a launch's
     host = time.perf_counter()
-    for _ in range(timing.warmup):
+    for _ in range(timing.warmup - 1):
         launch()
-    host = (time.perf_counter() - host) / max(1, timing.warmup)  # host seconds per launch
+    host = (time.perf_counter() - host) / max(1, timing.warmup - 1)  # host seconds per launch
     cuda.synchronize()
     times = []
     for _ in range(timing.samples):
