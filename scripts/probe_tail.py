@@ -20,11 +20,12 @@ without its last step (``write_run`` and ``combine_warps``, a few microseconds):
   each tile (about as long as version 6's arithmetic a tile).
 
 For each it prints the time of the whole launch (CUDA events, ``minipaged bench``'s median),
-beside ``launch_v6`` and SDPA, and from the timer of one launch: the span from the first
-warp's start to the last one's end, when the warps started and ended (quantiles, in us from
-the first start), how long each warp took, how far apart the warps of one block and the last
-warps of each SM ended, and the share of the span the warp places were busy. In Numba's CUDA
-simulator the timer reads 0: it runs there (a tiny batch) to check the kernels only.
+beside SDPA and ``launch_v6`` (as it launches, and with the ``last_warp`` ending too), and
+from the timer of one launch: the span from the first warp's start to the last one's end,
+when the warps started and ended (quantiles, in us from the first start), how long each warp
+took, how far apart the warps of one block and the last warps of each SM ended, and the
+share of the span the warp places were busy. In Numba's CUDA simulator the timer reads 0:
+it runs there (a tiny batch) to check the kernels only.
 """
 
 from __future__ import annotations
@@ -245,6 +246,11 @@ def probe(shape: gpu.AttentionShape, timing: Any) -> None:
     print(f"  SDPA (contiguous cache)      {1e3 * (gpu.sdpa_ms(shape, timing) or 0):8.1f} us")
     ms = gpu.time_ms(lambda: attention_v6.launch_v6(a), timing)
     print(f"  launch_v6                    {1e3 * ms:8.1f} us", flush=True)
+    want = a.out.copy_to_host().astype(np.float32)
+    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+    ms = gpu.time_ms(lambda: attention_v6.launch_v6(a, tuning=attention_v6.CHOICES), timing)
+    diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
+    print(f"  launch_v6, + last_warp       {1e3 * ms:8.1f} us (|diff| {diff:.1e})", flush=True)
     group = shape.heads // shape.kv_heads
     runs = warps // heads
     parts = -(-shape.context // partition)
@@ -273,10 +279,9 @@ def probe(shape: gpu.AttentionShape, timing: Any) -> None:
         for compiled in kernel.overloads.values():
             print(f"    {compiled.regs_per_thread} registers, "
                   f"{compiled.local_mem_per_thread} bytes of local memory a thread")  # fmt: skip
-        for _ in range(2):
-            launch()
-            cuda.synchronize()
-            report(stamps.copy_to_host(), warps, ran)
+        launch()
+        cuda.synchronize()
+        report(stamps.copy_to_host(), warps, ran)
 
 
 def main() -> None:

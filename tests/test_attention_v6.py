@@ -59,12 +59,16 @@ def test_v6_matches_reference(case: tuple) -> None:
     close(out, expected(args), np.float16)
 
 
-@pytest.mark.parametrize("tuning", [(), *((x,) for x in attention_v6.TUNING), attention_v6.TUNING])
+@pytest.mark.parametrize(
+    "tuning",
+    [(), *((x,) for x in attention_v6.CHOICES), attention_v6.TUNING, attention_v6.CHOICES],
+)
 def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
-    """Whole tiles loaded without tests, sums rescaled only when a maximum grew, and the warps
-    of a run keeping pace (each alone, all three as ``launch_v6`` makes them, and none): the
-    same attention, on runs of 1 to 3 tiles (the last partly past the end) and 1 to 3
-    partitions."""
+    """Whole tiles loaded without tests, sums rescaled only when a maximum grew, the warps of
+    a run keeping pace, and the runs of a kv head merged by its last warp (each alone, the
+    walk's three as ``launch_v6`` makes them, all four, and none): the same attention, on runs
+    of 1 to 3 tiles (the last partly past the end, one past a short sequence's end) and 1 to
+    3 partitions."""
     rng = np.random.default_rng(1)
     args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 64, 16), 0.125)
     a = attention.prepare_attention(*args)

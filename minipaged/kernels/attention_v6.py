@@ -82,6 +82,7 @@ SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
+CHOICES = (*TUNING, "last_warp")  # and make_kernel's, off unless asked for
 
 
 if config.ENABLE_CUDASIM:
@@ -199,14 +200,27 @@ def _highs(a, b):
 
 
 def shared_bytes(
-    group: int, head_dim: int, block_size: int, sub: int, warps: int, heads: int = 1
-) -> int:
+    group: int, head_dim: int, block_size: int, sub: int, warps: int, heads: int = 1,
+    last_warp: bool = False,
+) -> int:  # fmt: skip
     """Dynamic shared memory of a block of ``warps`` warps over ``heads`` kv heads, walking
     ``sub`` tokens each: each warp's block numbers, then (several runs a kv head) each warp's
-    ``[output | maxima | sums]`` for ``combine_warps``, then the simulator's meeting places."""
+    ``[output | maxima | sums]`` for ``combine_warps``, or with ``last_warp`` a counter a kv
+    head and each warp's registers for ``make_hand_over``, then the simulator's meeting
+    places."""
     ids = warps * -(-(sub // block_size) // 4) * 4
-    runs = warps * (group * head_dim + 2 * group) if warps > heads else 0
+    runs = 0
+    if warps > heads:
+        runs = warps * (group * head_dim + 2 * group)
+        if last_warp:
+            runs = 4 + warps * hand_over_words(head_dim)
     return 4 * (ids + runs + warps * (SWAP + POSTED))
+
+
+def hand_over_words(head_dim: int) -> int:
+    """Words of a warp's slot for ``make_hand_over``: its accumulators, maximum and sum, each
+    lane's, lane-major."""
+    return (4 * (head_dim // 16) + 2) * WARP
 
 
 @functools.cache
@@ -389,6 +403,74 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
 
 
 @functools.cache
+def make_hand_over(head_dim: int, runs: int, heads: int) -> Any:
+    """The device function that ends a warp's run when each of ``heads`` kv heads of a block
+    has ``runs`` runs (the ``last_warp`` choice of ``make_kernel``): the warp leaves its
+    registers in its slot of shared memory and counts itself done; the last of a kv head's
+    warps to finish merges the others' slots into its own registers, which then hold the kv
+    head's whole partition, and returns True.
+
+    Why: with ``combine_warps`` the block waits at a barrier for its slowest warp, and then
+    every warp of the block writes its output to shared memory and reads all of them back;
+    the kernel ends only when the last block has done all that. Here only the last warp of a
+    kv head works after the others, and its own registers never go through shared memory.
+
+    Merging keeps what ``consume`` keeps: with ``M`` the larger maximum of head ``g``, the sums
+    of run ``r`` weigh ``exp(m_r - M)``; a run that walked nothing left maximum minus infinity
+    and weighs 0."""
+    acc_size = 4 * (head_dim // 16)
+    slot = hand_over_words(head_dim)
+
+    @cuda.jit(device=True, **INLINE)
+    def weight(m, top):
+        return float32(0.0) if m == NEG_INF else math.exp(m - top)
+
+    @cuda.jit(device=True, **INLINE)
+    def hand_over(acc, top, total, slots, counters, warp, lane, swap):
+        """Returns ``(last, top, total)``: whether this warp is its kv head's last, and then
+        head ``g``'s maximum and this lane's share of its sum over all the runs (``acc``
+        merged likewise)."""
+        t = lane & 3
+        mine = slots[warp * slot : (warp + 1) * slot]
+        for i in range(acc_size):
+            mine[i * WARP + lane] = acc[i]
+        mine[acc_size * WARP + lane] = top
+        mine[(acc_size + 1) * WARP + lane] = total
+        cuda.threadfence_block()
+        v5._syncwarp()
+        done = float32(0.0)
+        if lane == 0:
+            done = float32(cuda.atomic.add(counters, warp % heads, 1))
+        last = _lane_value(done, 0, swap) == float32(runs - 1)
+        if last:
+            cuda.threadfence_block()
+            for r in range(runs):
+                other = r * heads + warp % heads
+                if other != warp:
+                    theirs = slots[other * slot : (other + 1) * slot]
+                    m = theirs[acc_size * WARP + lane]
+                    new_top = max(top, m)
+                    a = weight(top, new_top)
+                    b = weight(m, new_top)
+                    top = new_top
+                    total = total * a + theirs[(acc_size + 1) * WARP + lane] * b
+                    # heads 2t and 2t + 1 hold acc's values; their weights live in row groups
+                    # 2t and 2t + 1
+                    a0 = _lane_value(a, 8 * t, swap)
+                    a1 = _lane_value(a, 8 * t + 4, swap)
+                    b0 = _lane_value(b, 8 * t, swap)
+                    b1 = _lane_value(b, 8 * t + 4, swap)
+                    for j in range(acc_size // 4):
+                        for i in range(4):
+                            o = 4 * j + i
+                            x = theirs[o * WARP + lane]
+                            acc[o] = acc[o] * (a1 if i & 1 else a0) + x * (b1 if i & 1 else b0)
+        return last, top, total
+
+    return hand_over
+
+
+@functools.cache
 def make_load_tile(head_dim: int, block_size: int, load: Any, unmasked: bool = False) -> Any:
     """The device function that starts the loads of one tile of a run: ``read_tile``'s pieces
     of the 16 tokens from ``t0``, found through the run's block numbers ``ids`` (``ids[0]``
@@ -495,7 +577,9 @@ def make_kernel(
     ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
     blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
     its own choice); ``hint``: a cache qualifier for the loads of the cache; ``tuning``:
-    ``make_walk``'s."""
+    ``make_walk``'s, and ``"last_warp"``: with several runs a kv head, the last warp of each
+    kv head to finish merges its runs (``make_hand_over``) instead of the whole block after
+    a barrier (``combine_warps``)."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -512,9 +596,12 @@ def make_kernel(
     outputs = group * head_dim
     slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
+    last_warp = "last_warp" in tuning and runs > 1  # or the last warp of each kv head
     combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
+    hand_over = make_hand_over(head_dim, runs, heads)
     load_query = make_load_query(group, head_dim)
-    write_run = make_write_run(group, head_dim, runs > 1)
+    write_run = make_write_run(group, head_dim, runs > 1 and not last_warp)
+    hand_over_slot = hand_over_words(head_dim)
     walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
@@ -554,14 +641,23 @@ def make_kernel(
         g = lane >> 2
         t = lane & 3
 
-        # [ids | runs (several warps) | swap | posted], each warp's share of each in turn
+        # [ids | runs (several warps) | swap | posted], each warp's share of each in turn;
+        # with last_warp the runs are [a counter a kv head (4 words) | each warp's slot]
         id_words = -(-(sub >> shift) // 4) * 4
         runs_at = warps * id_words
         swap_at = runs_at + (warps * slot if runs > 1 else 0)
+        if last_warp:
+            swap_at = runs_at + 4 + warps * hand_over_slot
         smem = cuda.shared.array(0, float32)
         ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
         swap = smem[swap_at : swap_at + warps * SWAP]  # (the simulator's)
         posted = cuda.shared.array(0, uint32)[swap_at + warps * SWAP :]  # (the simulator's)
+        if last_warp:
+            counters = cuda.shared.array(0, int32)[runs_at : runs_at + 4]
+            slots = smem[runs_at + 4 : swap_at]
+            if cuda.threadIdx.x < heads:
+                counters[cuda.threadIdx.x] = 0
+            cuda.syncthreads()
 
         if start < seq_len:
             first_block = start >> shift
@@ -582,16 +678,32 @@ def make_kernel(
                 k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
                 end, base, kv_head * row, scale, lane, swap, posted,
             )  # fmt: skip
-            run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
-            write_run(
-                out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
-                part, alone, lane, swap,
-            )  # fmt: skip
+            last = True
+            if last_warp:
+                last, top, total = hand_over(acc, top, total, slots, counters, warp, lane, swap)
+            if last:
+                run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
+                write_run(
+                    out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
+                    part, alone, lane, swap,
+                )  # fmt: skip
+        elif last_warp:  # a run past the sequence's end weighs nothing
+            acc = cuda.local.array(acc_size, float32)
+            for i in range(acc_size):
+                acc[i] = float32(0.0)
+            last, top, total = hand_over(
+                acc, NEG_INF, float32(0.0), slots, counters, warp, lane, swap
+            )
+            if last:
+                write_run(
+                    out, partial_out, max_logits, exp_sums, acc, top, total, smem, seq, kv_head,
+                    part, alone, lane, swap,
+                )  # fmt: skip
         elif runs > 1:  # a run past the sequence's end weighs nothing
             run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
             for i in range(lane, slot, WARP):
                 run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
-        if runs > 1:
+        if runs > 1 and not last_warp:
             cuda.syncthreads()
             combine_warps(
                 out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq,
@@ -613,6 +725,7 @@ def supports(
     partition_size: int,
     warps: int = 1,
     heads: int = 1,
+    last_warp: bool = False,
 ) -> str | None:
     """None when version 6 can run this shape, else the reason it cannot: float16, at most 8
     query heads per kv head, head_dim a multiple of 64 (each of a row group's 8 row groups
@@ -627,7 +740,9 @@ def supports(
         return reason
     runs = warps // heads
     group = num_heads // num_kv_heads
-    need = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
+    need = shared_bytes(
+        group, head_dim, block_size, partition_size // runs, warps, heads, last_warp
+    )
     limit = v2.SHARED_BYTES if warps == 1 else v5.OPT_IN_SHARED_BYTES
     if need > limit:
         return f"{need} bytes of shared memory per thread block, more than {limit}"
@@ -777,12 +892,13 @@ def launch_v6(
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
     heads = v.check_int("heads", heads, 1, MAX_WARPS)
-    unknown = set(tuning) - set(TUNING)
+    unknown = set(tuning) - set(CHOICES)
     if unknown:
-        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {TUNING}")
+        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {CHOICES}")
+    last_warp = "last_warp" in tuning
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
-        heads,
+        heads, last_warp,
     )  # fmt: skip
     if reason:
         raise InvalidRequest(reason)
@@ -790,7 +906,9 @@ def launch_v6(
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
     runs = warps // heads
-    shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
+    shared = shared_bytes(
+        group, head_dim, block_size, partition_size // runs, warps, heads, last_warp
+    )
     kernel = make_kernel(
         group, head_dim, block_size, warps, min_blocks, hint, heads, tuple(sorted(tuning))
     )
