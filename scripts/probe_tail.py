@@ -20,7 +20,7 @@ without its last step (``write_run`` and ``combine_warps``, a few microseconds):
   each tile (about as long as version 6's arithmetic a tile).
 
 For each it prints the time of the whole launch (CUDA events, ``minipaged bench``'s median),
-beside SDPA and ``launch_v6`` (as it launches, and with the ``last_warp`` ending too), and
+beside SDPA and ``launch_v6`` (as it launches, and with ``last_warp`` or ``dealt`` too), and
 from the timer of one launch: the span from the first warp's start to the last one's end,
 when the warps started and ended (quantiles, in us from the first start), how long each warp
 took, how far apart the warps of one block and the last warps of each SM ended, and the
@@ -46,6 +46,7 @@ from minipaged.kernels import attention_v5, attention_v6  # noqa: E402
 WARP = attention_v6.WARP
 TILE = attention_v6.TILE
 KINDS = ("v6", "loads", "loads+128")
+ENDINGS = ("last_warp", "dealt")  # make_kernel's choices, each timed added to launch_v6's
 
 if config.ENABLE_CUDASIM:
 
@@ -247,10 +248,12 @@ def probe(shape: gpu.AttentionShape, timing: Any) -> None:
     ms = gpu.time_ms(lambda: attention_v6.launch_v6(a), timing)
     print(f"  launch_v6                    {1e3 * ms:8.1f} us", flush=True)
     want = a.out.copy_to_host().astype(np.float32)
-    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-    ms = gpu.time_ms(lambda: attention_v6.launch_v6(a, tuning=attention_v6.CHOICES), timing)
-    diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-    print(f"  launch_v6, + last_warp       {1e3 * ms:8.1f} us (|diff| {diff:.1e})", flush=True)
+    for extra in ENDINGS:
+        tuning = (*attention_v6.TUNING, extra)
+        a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+        ms = gpu.time_ms(lambda tuning=tuning: attention_v6.launch_v6(a, tuning=tuning), timing)
+        diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
+        print(f"  launch_v6, + {extra:15s} {1e3 * ms:8.1f} us (|diff| {diff:.1e})", flush=True)
     group = shape.heads // shape.kv_heads
     runs = warps // heads
     parts = -(-shape.context // partition)

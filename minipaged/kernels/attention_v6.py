@@ -82,7 +82,7 @@ SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
-CHOICES = (*TUNING, "last_warp")  # and make_kernel's, off unless asked for
+CHOICES = (*TUNING, "dealt", "last_warp")  # and make_kernel's, off unless asked for
 
 
 if config.ENABLE_CUDASIM:
@@ -205,15 +205,15 @@ def shared_bytes(
 ) -> int:  # fmt: skip
     """Dynamic shared memory of a block of ``warps`` warps over ``heads`` kv heads, walking
     ``sub`` tokens each: each warp's block numbers, then (several runs a kv head) each warp's
-    ``[output | maxima | sums]`` for ``combine_warps``, or with ``last_warp`` a counter a kv
-    head and each warp's registers for ``make_hand_over``, then the simulator's meeting
-    places."""
+    ``[output | maxima | sums]`` for ``combine_warps``, or with ``last_warp`` two counters a
+    kv head (``make_hand_over``'s and ``make_dealt_walk``'s) and each warp's registers for
+    ``make_hand_over``, then the simulator's meeting places."""
     ids = warps * -(-(sub // block_size) // 4) * 4
     runs = 0
     if warps > heads:
         runs = warps * (group * head_dim + 2 * group)
         if last_warp:
-            runs = 4 + warps * hand_over_words(head_dim)
+            runs = 8 + warps * hand_over_words(head_dim)
     return 4 * (ids + runs + warps * (SWAP + POSTED))
 
 
@@ -561,6 +561,80 @@ def make_walk(
 
 
 @functools.cache
+def make_dealt_walk(
+    group: int, head_dim: int, block_size: int, load: Any, tuning: tuple[str, ...] = ()
+) -> Any:
+    """``make_walk``'s walk with the tiles dealt out as the warps ask for them (the ``dealt``
+    choice of ``make_kernel``): the warps of one kv head walk its whole partition together,
+    a pair of tiles at a time, each taking the next pair from the kv head's ``counter`` in
+    shared memory when it starts the loads of the pair before. ``pair``: the warp's first
+    pair (its run's number; the counter starts past the last of them).
+
+    Why: warps given equal runs do not end together (on an H100 the warps of one block of
+    version 6 ended up to 6 us apart at 64 x 4096, docs/benchmarks.md), and a launch lasts as
+    long as its slowest warp; dealt, the warps of a kv head end within a pair of tiles of each
+    other. The results of a warp are then some of the kv head's tiles, not a run, which only
+    ``make_hand_over`` merges (a warp may even walk none). ``tuning``: ``unmasked`` and
+    ``lazy`` as ``make_walk`` takes them; ``lockstep`` does not apply (the warps of a run do
+    not walk as many tiles)."""
+    acc_size = 4 * (head_dim // 16)
+    load_tile = make_load_tile(head_dim, block_size, load, "unmasked" in tuning)
+    consume = make_consume(group, head_dim, "lazy" in tuning)
+
+    @cuda.jit(device=True, **INLINE)
+    def deal(counter, lane, swap):
+        """The next pair of the kv head, the same in every lane."""
+        n = float32(0.0)
+        if lane == 0:
+            n = float32(cuda.atomic.add(counter, 0, 1))
+        return int32(_lane_value(n, 0, swap))
+
+    @cuda.jit(device=True, **INLINE)
+    def walk(
+        k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start, end,
+        base, head, scale, lane, swap, posted, counter, pair,
+    ):  # fmt: skip
+        """As ``make_walk``'s, over the pairs of tiles of ``start`` to ``end - 1`` dealt to
+        this warp, from ``pair`` on (``start + 2 * TILE * pair < end``)."""
+        g = lane >> 2
+        t = lane & 3
+        for i in range(acc_size):
+            acc[i] = float32(0.0)
+        top = NEG_INF
+        total = float32(0.0)
+        pairs = (end - start + 2 * TILE - 1) // (2 * TILE)
+        t0 = start + 2 * TILE * pair
+        load_tile(k_even, v_even, key_words, value_words, ids, t0, start, end, base, head, g, t)
+        after = deal(counter, lane, swap)
+        while pair < pairs:
+            t0 = start + 2 * TILE * pair
+            t1 = t0 + TILE
+            if t1 < end:
+                load_tile(
+                    k_odd, v_odd, key_words, value_words, ids, t1, start, end, base, head, g, t
+                )
+            top, total = consume(
+                k_even, v_even, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted
+            )
+            if after < pairs:
+                load_tile(
+                    k_even, v_even, key_words, value_words, ids, start + 2 * TILE * after,
+                    start, end, base, head, g, t,
+                )  # fmt: skip
+            if t1 < end:
+                top, total = consume(
+                    k_odd, v_odd, q, acc, s, p, t1, end, top, total, scale, lane, t, swap,
+                    posted,
+                )  # fmt: skip
+            pair = after
+            if pair < pairs:
+                after = deal(counter, lane, swap)
+        return top, total
+
+    return walk
+
+
+@functools.cache
 def make_kernel(
     group: int,
     head_dim: int,
@@ -579,7 +653,8 @@ def make_kernel(
     its own choice); ``hint``: a cache qualifier for the loads of the cache; ``tuning``:
     ``make_walk``'s, and ``"last_warp"``: with several runs a kv head, the last warp of each
     kv head to finish merges its runs (``make_hand_over``) instead of the whole block after
-    a barrier (``combine_warps``)."""
+    a barrier (``combine_warps``); ``"dealt"``: with several runs a kv head, its warps walk
+    its tiles as they are dealt (``make_dealt_walk``), and end as ``last_warp``."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -596,13 +671,15 @@ def make_kernel(
     outputs = group * head_dim
     slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
-    last_warp = "last_warp" in tuning and runs > 1  # or the last warp of each kv head
+    dealt = "dealt" in tuning and runs > 1
+    last_warp = ("last_warp" in tuning or dealt) and runs > 1  # or the last warp of each kv head
     combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
     hand_over = make_hand_over(head_dim, runs, heads)
     load_query = make_load_query(group, head_dim)
     write_run = make_write_run(group, head_dim, runs > 1 and not last_warp)
     hand_over_slot = hand_over_words(head_dim)
     walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
+    dealt_walk = make_dealt_walk(group, head_dim, block_size, _load16, tuning)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -642,29 +719,41 @@ def make_kernel(
         t = lane & 3
 
         # [ids | runs (several warps) | swap | posted], each warp's share of each in turn;
-        # with last_warp the runs are [a counter a kv head (4 words) | each warp's slot]
+        # with last_warp the runs are [2 counters a kv head (8 words) | each warp's slot]
         id_words = -(-(sub >> shift) // 4) * 4
         runs_at = warps * id_words
         swap_at = runs_at + (warps * slot if runs > 1 else 0)
         if last_warp:
-            swap_at = runs_at + 4 + warps * hand_over_slot
+            swap_at = runs_at + 8 + warps * hand_over_slot
         smem = cuda.shared.array(0, float32)
         ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
         swap = smem[swap_at : swap_at + warps * SWAP]  # (the simulator's)
         posted = cuda.shared.array(0, uint32)[swap_at + warps * SWAP :]  # (the simulator's)
+        begin = start  # the first token this warp walks
         if last_warp:
-            counters = cuda.shared.array(0, int32)[runs_at : runs_at + 4]
-            slots = smem[runs_at + 4 : swap_at]
+            counters = cuda.shared.array(0, int32)[runs_at : runs_at + 8]
+            slots = smem[runs_at + 8 : swap_at]
             if cuda.threadIdx.x < heads:
-                counters[cuda.threadIdx.x] = 0
+                counters[cuda.threadIdx.x] = 0  # make_hand_over's: warps done
+                counters[4 + cuda.threadIdx.x] = runs  # make_dealt_walk's: the next pair
+            if dealt:  # each warp files its run's block numbers in its kv head's list
+                ids = cuda.shared.array(0, int32)[warp % heads * runs * id_words :]
+                if start < seq_len:
+                    first_block = start >> shift
+                    for i in range(lane, ((end - 1) >> shift) - first_block + 1, WARP):
+                        ids[warp // heads * (sub >> shift) + i] = table[first_block + i]
+                start = part * partition_size  # the kv head's partition, walked together
+                end = min(start + partition_size, seq_len)
+                begin = start + 2 * TILE * (warp // heads)
             cuda.syncthreads()
 
-        if start < seq_len:
-            first_block = start >> shift
-            blocks = ((end - 1) >> shift) - first_block + 1
-            for i in range(lane, blocks, WARP):
-                ids[i] = table[first_block + i]
-            v5._syncwarp()
+        if begin < seq_len:
+            if not dealt:
+                first_block = start >> shift
+                blocks = ((end - 1) >> shift) - first_block + 1
+                for i in range(lane, blocks, WARP):
+                    ids[i] = table[first_block + i]
+                v5._syncwarp()
             q = cuda.local.array(q_words, uint32)
             load_query(q, query_words, seq, num_heads, kv_head, g, t)
             k_even = cuda.local.array(k_words, uint32)
@@ -674,10 +763,17 @@ def make_kernel(
             acc = cuda.local.array(acc_size, float32)
             s = cuda.local.array(8, float32)
             p = cuda.local.array(4, float32)
-            top, total = walk(
-                k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
-                end, base, kv_head * row, scale, lane, swap, posted,
-            )  # fmt: skip
+            if dealt:
+                top, total = dealt_walk(
+                    k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids,
+                    start, end, base, kv_head * row, scale, lane, swap, posted,
+                    counters[4 + warp % heads :], warp // heads,
+                )  # fmt: skip
+            else:
+                top, total = walk(
+                    k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids,
+                    start, end, base, kv_head * row, scale, lane, swap, posted,
+                )  # fmt: skip
             last = True
             if last_warp:
                 last, top, total = hand_over(acc, top, total, slots, counters, warp, lane, swap)
@@ -895,7 +991,7 @@ def launch_v6(
     unknown = set(tuning) - set(CHOICES)
     if unknown:
         raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {CHOICES}")
-    last_warp = "last_warp" in tuning
+    last_warp = "last_warp" in tuning or "dealt" in tuning  # (dealt ends as last_warp)
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
         heads, last_warp,
@@ -930,6 +1026,7 @@ def paged_attention_v6(
     out: Any = None,
     warps: int = 1,
     heads: int = 1,
+    tuning: tuple[str, ...] = TUNING,
 ) -> Any:
     """Version 6 (the cache loaded straight into the tensor cores' registers). Arguments as
     for ``paged_attention``, and ``launch_v6``'s; ``InvalidRequest`` for a shape ``supports``
@@ -937,5 +1034,5 @@ def paged_attention_v6(
     if partition_size is not None:
         v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     a = v2.prepare_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, out)
-    launch_v6(a, partition_size, warps, heads)
+    launch_v6(a, partition_size, warps, heads, tuning=tuning)
     return a.result()
