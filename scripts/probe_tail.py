@@ -1,8 +1,9 @@
 """When do version 6's warps end? The tail of a launch that runs in one wave.
 
-    python3 scripts/probe_tail.py [batch ...]
+    python3 scripts/probe_tail.py [--kinds=v6,loads,...] [batch ...]
 
-``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (the default). At 64 x 4096 every warp of
+``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (the default); ``--kinds``: which of
+the stamped kernels below to run (all by default). At 64 x 4096 every warp of
 version 6's launch (``choose_launch``'s) runs at once, and the kernel lasts as long as its
 slowest warp: while the last warps finish, fewer loads are in flight than the memory wants.
 If version 6's warps end further apart than those of its loads alone (which read the cache in
@@ -236,7 +237,7 @@ def report(stamps: np.ndarray, warps: int, ran: np.ndarray) -> None:
           f"{span - mean_end:.1f} us before the last")  # fmt: skip
 
 
-def probe(shape: gpu.AttentionShape, timing: Any) -> None:
+def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS) -> None:
     """One batch: the launches' times, then each kind's stamps."""
     print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
     partition, warps, heads = attention_v6.choose_launch(
@@ -270,7 +271,7 @@ def probe(shape: gpu.AttentionShape, timing: Any) -> None:
         partition // runs
     )  # fmt: skip
     ran = starts < a.host_seq_lens[at // warps // grid[0] // parts]
-    for kind in KINDS:
+    for kind in kinds:
         kernel = stamped_kernel(group, shape.head_dim, shape.block_size, warps, heads, kind)
         attention_v5.allow_shared(kernel, args, shared)
 
@@ -290,10 +291,17 @@ def probe(shape: gpu.AttentionShape, timing: Any) -> None:
 def main() -> None:
     timing = gpu.Timing(0, 1, 1) if config.ENABLE_CUDASIM else gpu.Timing()
     print(gpu.device_name(), flush=True)
-    for name in sys.argv[1:] or ["64x4096/8"]:
+    kinds = KINDS
+    batches = []
+    for arg in sys.argv[1:]:
+        if arg.startswith("--kinds="):
+            kinds = tuple(arg.partition("=")[2].split(","))
+        else:
+            batches.append(arg)
+    for name in batches or ["64x4096/8"]:
         seqs_context, kv = name.split("/")
         seqs, context = map(int, seqs_context.split("x"))
-        probe(gpu.AttentionShape(seqs, context, 32, int(kv)), timing)
+        probe(gpu.AttentionShape(seqs, context, 32, int(kv)), timing, kinds)
 
 
 if __name__ == "__main__":
