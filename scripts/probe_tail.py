@@ -15,13 +15,15 @@ and when it has walked its run, and the SM it ran on, in kernels that are versio
 without its last step (``write_run`` and ``combine_warps``, a few microseconds):
 
 - ``v6``: version 6's walk as ``launch_v6`` makes it (all of ``make_walk``'s tuning choices);
+- ``v6+end``: the same, then version 6's own last step (the warp's end stamped before it):
+  the whole of version 6's kernel, stamped;
 - ``loads``: its loads alone, the same loads in the same order into the same two sets of
   registers, each tile only XORed into one word (as ``probe_walk.py``'s);
 - ``loads+128``: the loads alone with a chain of 128 dependent integer multiply-adds after
   each tile (about as long as version 6's arithmetic a tile).
 
 For each it prints the time of the whole launch (CUDA events, ``minipaged bench``'s median),
-beside SDPA and ``launch_v6`` (as it launches, and with ``last_warp`` or ``dealt`` too), and
+beside SDPA and ``launch_v6``, and
 from the timer of one launch: the span from the first warp's start to the last one's end,
 when the warps started and ended (quantiles, in us from the first start), how long each warp
 took, how far apart the warps of one block and the last warps of each SM ended, and the
@@ -46,8 +48,8 @@ from minipaged.kernels import attention_v5, attention_v6  # noqa: E402
 
 WARP = attention_v6.WARP
 TILE = attention_v6.TILE
-KINDS = ("v6", "loads", "loads+128")
-ENDINGS = ("last_warp", "dealt")  # make_kernel's choices, each timed added to launch_v6's
+NEG_INF = attention_v6.NEG_INF
+KINDS = ("v6", "v6+end", "loads", "loads+128")
 
 if config.ENABLE_CUDASIM:
 
@@ -137,9 +139,11 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
                    kind: str) -> Any:  # fmt: skip
     """Version 6's partition kernel up to the end of its walk (``kind``: one of ``KINDS``),
     each warp writing ``[start, end, sm]`` to ``stamps[warp]`` and each lane the sum of what it
-    holds to ``sink`` (so that nothing is left out as unused)."""
+    holds to ``sink`` (so that nothing is left out as unused); for ``v6+end`` then on to the
+    end of version 6's kernel, its output in ``out``."""
     load = attention_v6._make_load16("")
-    if kind == "v6":
+    ending = kind == "v6+end"
+    if kind.startswith("v6"):
         walk = attention_v6.make_walk(group, head_dim, block_size, load, attention_v6.TUNING,
                                       heads)  # fmt: skip
     else:
@@ -152,10 +156,14 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
     runs = warps // heads
     load_query = attention_v6.make_load_query(group, head_dim)
     swap_words = attention_v6.SWAP
+    outputs = group * head_dim
+    slot = outputs + 2 * group  # a warp's run for combine_warps, as version 6's
+    write_run = attention_v6.make_write_run(group, head_dim, runs > 1)
+    combine_warps = attention_v5.make_combine_warps(group, head_dim, warps, heads)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": warps * WARP}))
-    def kernel(stamps, sink, query_words, key_words, value_words, block_tables, seq_lens, scale,
-               partition_size):  # noqa: ANN001, ANN202  # fmt: skip
+    def kernel(stamps, sink, out, partial_out, max_logits, exp_sums, query_words, key_words,
+               value_words, block_tables, seq_lens, scale, partition_size):  # noqa: ANN001, ANN202  # fmt: skip
         seq = cuda.blockIdx.y
         part = cuda.blockIdx.z
         lane = cuda.threadIdx.x % WARP
@@ -171,10 +179,15 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
         num_heads = query_words.shape[0] * 2 // head_dim // seq_lens.shape[0]
         id_words = -(-(sub >> shift) // 4) * 4
         ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
-        smem = cuda.shared.array(0, float32)[warps * id_words :]
-        swap = smem[: warps * swap_words]  # (the simulator's, as version 6's)
-        posted = cuda.shared.array(0, uint32)[warps * (id_words + swap_words) :]
+        runs_at = warps * id_words  # [ids | runs (v6+end) | swap | posted], as version 6's
+        swap_at = runs_at + (warps * slot if ending and runs > 1 else 0)
+        smem = cuda.shared.array(0, float32)
+        swap = smem[swap_at : swap_at + warps * swap_words]  # (the simulator's)
+        posted = cuda.shared.array(0, uint32)[swap_at + warps * swap_words :]
+        alone = cuda.gridDim.z == 1
+        run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
         x = float32(0.0)
+        ended = began
         if start < seq_len:
             table = block_tables[seq]
             first = start >> shift
@@ -199,7 +212,23 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
             x = top + total
             for i in range(acc_size):
                 x += acc[i]
-        ended = _now()
+            ended = _now()
+            if ending:
+                write_run(
+                    out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
+                    part, alone, lane, swap,
+                )  # fmt: skip
+        else:
+            ended = _now()
+            if ending and runs > 1:
+                for i in range(lane, slot, WARP):
+                    run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
+        if ending and runs > 1:
+            cuda.syncthreads()
+            combine_warps(
+                out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq,
+                cuda.blockIdx.x * heads, part, alone,
+            )  # fmt: skip
         sink[at * WARP + lane] = x
         if lane == 0:
             stamps[at, 0] = began
@@ -249,23 +278,21 @@ def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS
     ms = gpu.time_ms(lambda: attention_v6.launch_v6(a), timing)
     print(f"  launch_v6                    {1e3 * ms:8.1f} us", flush=True)
     want = a.out.copy_to_host().astype(np.float32)
-    for extra in ENDINGS:
-        tuning = (*attention_v6.TUNING, extra)
-        a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-        ms = gpu.time_ms(lambda tuning=tuning: attention_v6.launch_v6(a, tuning=tuning), timing)
-        diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-        print(f"  launch_v6, + {extra:15s} {1e3 * ms:8.1f} us (|diff| {diff:.1e})", flush=True)
     group = shape.heads // shape.kv_heads
     runs = warps // heads
     parts = -(-shape.context // partition)
     grid = (shape.kv_heads // heads, shape.seqs, parts)
     n = int(np.prod(grid)) * warps
     id_words = -(-(partition // runs // shape.block_size) // 4) * 4
-    shared = 4 * warps * (id_words + attention_v6.SWAP + attention_v6.POSTED)
+    walk_shared = 4 * warps * (id_words + attention_v6.SWAP + attention_v6.POSTED)
+    end_shared = attention_v6.shared_bytes(
+        group, shape.head_dim, shape.block_size, partition // runs, warps, heads
+    )
     stamps = cuda.device_array((n, 3), np.uint64)
     sink = cuda.device_array(n * WARP, np.float32)
     query, keys, values = attention_v6.words(a)
-    args = (stamps, sink, query, keys, values, a.block_tables, a.seq_lens, a.scale, partition)
+    args = (stamps, sink, a.out, *a.workspace(partition), query, keys, values, a.block_tables,
+            a.seq_lens, a.scale, partition)  # fmt: skip
     at = np.arange(n)
     starts = (at // warps // grid[0] % parts) * partition + (at % warps) // heads * (
         partition // runs
@@ -273,13 +300,19 @@ def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS
     ran = starts < a.host_seq_lens[at // warps // grid[0] // parts]
     for kind in kinds:
         kernel = stamped_kernel(group, shape.head_dim, shape.block_size, warps, heads, kind)
+        shared = end_shared if kind == "v6+end" else walk_shared
         attention_v5.allow_shared(kernel, args, shared)
+        a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
 
-        def launch(k=kernel) -> None:
+        def launch(k=kernel, shared=shared) -> None:
             k[grid, warps * WARP, 0, shared](*args)
 
         ms = gpu.time_ms(launch, timing)
-        print(f"  {kind:28s} {1e3 * ms:8.1f} us", flush=True)
+        same = ""
+        if kind == "v6+end":
+            diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
+            same = f" (|diff| from launch_v6's output {diff:.1e})"
+        print(f"  {kind:28s} {1e3 * ms:8.1f} us{same}", flush=True)
         for compiled in kernel.overloads.values():
             print(f"    {compiled.regs_per_thread} registers, "
                   f"{compiled.local_mem_per_thread} bytes of local memory a thread")  # fmt: skip

@@ -6,8 +6,7 @@ The kernel renames dimensions so that each lane's loads are whole 16-byte pieces
 these tests check that the renaming is the same for Q and K, and that V's output lands in the
 dimensions it came from: shapes drawn by Hypothesis with several tiles, blocks and partitions,
 2 and 4 warps a block (runs past a short sequence's end) over one or two kv heads, a partly
-filled last block whose unused slots hold NaN, 1 to 8 query heads per kv head, and a kv
-head's runs merged by the whole block or by its last warp.
+filled last block whose unused slots hold NaN, and 1 to 8 query heads per kv head.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from minipaged.kernels.attention_v6 import paged_attention_v6, supports
 
 @st.composite
 def cases(draw):  # noqa: ANN001, ANN201
-    """(args, partition_size, warps, heads, tuning) for one launch version 6 supports; every
+    """(args, partition_size, warps, heads) for one launch version 6 supports; every
     sequence's last block holds NaN past its end."""
     head_dim = draw(st.sampled_from([64, 128]))
     group = draw(st.sampled_from([1, 3, 4, 8]))
@@ -46,31 +45,26 @@ def cases(draw):  # noqa: ANN001, ANN201
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     args = nan_past_end_args(rng, lens, group, kv_heads, head_dim, block_size)
     args = (*args, draw(st.sampled_from([head_dim**-0.5, 2.0])))
-    tuning = draw(st.sampled_from([attention_v6.TUNING, attention_v6.CHOICES]))
-    return args, partition, warps, heads, tuning
+    return args, partition, warps, heads
 
 
 @settings(max_examples=8, deadline=None)
 @given(cases())
 def test_v6_matches_reference(case: tuple) -> None:
-    args, partition, warps, heads, tuning = case
+    args, partition, warps, heads = case
     out = paged_attention_v6(
-        *args, partition_size=partition, warps=warps, heads=heads, tuning=tuning,
+        *args, partition_size=partition, warps=warps, heads=heads,
         out=np.full_like(args[0], np.nan),
     )  # fmt: skip
     close(out, expected(args), np.float16)
 
 
-@pytest.mark.parametrize(
-    "tuning",
-    [(), *((x,) for x in attention_v6.CHOICES), attention_v6.TUNING, attention_v6.CHOICES],
-)
+@pytest.mark.parametrize("tuning", [(), *((x,) for x in attention_v6.TUNING), attention_v6.TUNING])
 def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
-    """Whole tiles loaded without tests, sums rescaled only when a maximum grew, the warps of
-    a run keeping pace, and the runs of a kv head merged by its last warp (each alone, the
-    walk's three as ``launch_v6`` makes them, all four, and none): the same attention, on runs
-    of 1 to 3 tiles (the last partly past the end, one past a short sequence's end) and 1 to
-    3 partitions."""
+    """Whole tiles loaded without tests, sums rescaled only when a maximum grew, and the warps
+    of a run keeping pace (each alone, all three as ``launch_v6`` makes them, and none): the
+    same attention, on runs of 1 to 3 tiles (the last partly past the end) and 1 to 3
+    partitions."""
     rng = np.random.default_rng(1)
     args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 64, 16), 0.125)
     a = attention.prepare_attention(*args)

@@ -82,7 +82,6 @@ SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
-CHOICES = (*TUNING, "dealt", "last_warp")  # and make_kernel's, off unless asked for
 
 
 if config.ENABLE_CUDASIM:
@@ -200,27 +199,14 @@ def _highs(a, b):
 
 
 def shared_bytes(
-    group: int, head_dim: int, block_size: int, sub: int, warps: int, heads: int = 1,
-    last_warp: bool = False,
-) -> int:  # fmt: skip
+    group: int, head_dim: int, block_size: int, sub: int, warps: int, heads: int = 1
+) -> int:
     """Dynamic shared memory of a block of ``warps`` warps over ``heads`` kv heads, walking
     ``sub`` tokens each: each warp's block numbers, then (several runs a kv head) each warp's
-    ``[output | maxima | sums]`` for ``combine_warps``, or with ``last_warp`` two counters a
-    kv head (``make_hand_over``'s and ``make_dealt_walk``'s) and each warp's registers for
-    ``make_hand_over``, then the simulator's meeting places."""
+    ``[output | maxima | sums]`` for ``combine_warps``, then the simulator's meeting places."""
     ids = warps * -(-(sub // block_size) // 4) * 4
-    runs = 0
-    if warps > heads:
-        runs = warps * (group * head_dim + 2 * group)
-        if last_warp:
-            runs = 8 + warps * hand_over_words(head_dim)
+    runs = warps * (group * head_dim + 2 * group) if warps > heads else 0
     return 4 * (ids + runs + warps * (SWAP + POSTED))
-
-
-def hand_over_words(head_dim: int) -> int:
-    """Words of a warp's slot for ``make_hand_over``: its accumulators, maximum and sum, each
-    lane's, lane-major."""
-    return (4 * (head_dim // 16) + 2) * WARP
 
 
 @functools.cache
@@ -403,74 +389,6 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
 
 
 @functools.cache
-def make_hand_over(head_dim: int, runs: int, heads: int) -> Any:
-    """The device function that ends a warp's run when each of ``heads`` kv heads of a block
-    has ``runs`` runs (the ``last_warp`` choice of ``make_kernel``): the warp leaves its
-    registers in its slot of shared memory and counts itself done; the last of a kv head's
-    warps to finish merges the others' slots into its own registers, which then hold the kv
-    head's whole partition, and returns True.
-
-    Why: with ``combine_warps`` the block waits at a barrier for its slowest warp, and then
-    every warp of the block writes its output to shared memory and reads all of them back;
-    the kernel ends only when the last block has done all that. Here only the last warp of a
-    kv head works after the others, and its own registers never go through shared memory.
-
-    Merging keeps what ``consume`` keeps: with ``M`` the larger maximum of head ``g``, the sums
-    of run ``r`` weigh ``exp(m_r - M)``; a run that walked nothing left maximum minus infinity
-    and weighs 0."""
-    acc_size = 4 * (head_dim // 16)
-    slot = hand_over_words(head_dim)
-
-    @cuda.jit(device=True, **INLINE)
-    def weight(m, top):
-        return float32(0.0) if m == NEG_INF else math.exp(m - top)
-
-    @cuda.jit(device=True, **INLINE)
-    def hand_over(acc, top, total, slots, counters, warp, lane, swap):
-        """Returns ``(last, top, total)``: whether this warp is its kv head's last, and then
-        head ``g``'s maximum and this lane's share of its sum over all the runs (``acc``
-        merged likewise)."""
-        t = lane & 3
-        mine = slots[warp * slot : (warp + 1) * slot]
-        for i in range(acc_size):
-            mine[i * WARP + lane] = acc[i]
-        mine[acc_size * WARP + lane] = top
-        mine[(acc_size + 1) * WARP + lane] = total
-        cuda.threadfence_block()
-        v5._syncwarp()
-        done = float32(0.0)
-        if lane == 0:
-            done = float32(cuda.atomic.add(counters, warp % heads, 1))
-        last = _lane_value(done, 0, swap) == float32(runs - 1)
-        if last:
-            cuda.threadfence_block()
-            for r in range(runs):
-                other = r * heads + warp % heads
-                if other != warp:
-                    theirs = slots[other * slot : (other + 1) * slot]
-                    m = theirs[acc_size * WARP + lane]
-                    new_top = max(top, m)
-                    a = weight(top, new_top)
-                    b = weight(m, new_top)
-                    top = new_top
-                    total = total * a + theirs[(acc_size + 1) * WARP + lane] * b
-                    # heads 2t and 2t + 1 hold acc's values; their weights live in row groups
-                    # 2t and 2t + 1
-                    a0 = _lane_value(a, 8 * t, swap)
-                    a1 = _lane_value(a, 8 * t + 4, swap)
-                    b0 = _lane_value(b, 8 * t, swap)
-                    b1 = _lane_value(b, 8 * t + 4, swap)
-                    for j in range(acc_size // 4):
-                        for i in range(4):
-                            o = 4 * j + i
-                            x = theirs[o * WARP + lane]
-                            acc[o] = acc[o] * (a1 if i & 1 else a0) + x * (b1 if i & 1 else b0)
-        return last, top, total
-
-    return hand_over
-
-
-@functools.cache
 def make_load_tile(head_dim: int, block_size: int, load: Any, unmasked: bool = False) -> Any:
     """The device function that starts the loads of one tile of a run: ``read_tile``'s pieces
     of the 16 tokens from ``t0``, found through the run's block numbers ``ids`` (``ids[0]``
@@ -561,80 +479,6 @@ def make_walk(
 
 
 @functools.cache
-def make_dealt_walk(
-    group: int, head_dim: int, block_size: int, load: Any, tuning: tuple[str, ...] = ()
-) -> Any:
-    """``make_walk``'s walk with the tiles dealt out as the warps ask for them (the ``dealt``
-    choice of ``make_kernel``): the warps of one kv head walk its whole partition together,
-    a pair of tiles at a time, each taking the next pair from the kv head's ``counter`` in
-    shared memory when it starts the loads of the pair before. ``pair``: the warp's first
-    pair (its run's number; the counter starts past the last of them).
-
-    Why: warps given equal runs do not end together (on an H100 the warps of one block of
-    version 6 ended up to 6 us apart at 64 x 4096, docs/benchmarks.md), and a launch lasts as
-    long as its slowest warp; dealt, the warps of a kv head end within a pair of tiles of each
-    other. The results of a warp are then some of the kv head's tiles, not a run, which only
-    ``make_hand_over`` merges (a warp may even walk none). ``tuning``: ``unmasked`` and
-    ``lazy`` as ``make_walk`` takes them; ``lockstep`` does not apply (the warps of a run do
-    not walk as many tiles)."""
-    acc_size = 4 * (head_dim // 16)
-    load_tile = make_load_tile(head_dim, block_size, load, "unmasked" in tuning)
-    consume = make_consume(group, head_dim, "lazy" in tuning)
-
-    @cuda.jit(device=True, **INLINE)
-    def deal(counter, lane, swap):
-        """The next pair of the kv head, the same in every lane."""
-        n = float32(0.0)
-        if lane == 0:
-            n = float32(cuda.atomic.add(counter, 0, 1))
-        return int32(_lane_value(n, 0, swap))
-
-    @cuda.jit(device=True, **INLINE)
-    def walk(
-        k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start, end,
-        base, head, scale, lane, swap, posted, counter, pair,
-    ):  # fmt: skip
-        """As ``make_walk``'s, over the pairs of tiles of ``start`` to ``end - 1`` dealt to
-        this warp, from ``pair`` on (``start + 2 * TILE * pair < end``)."""
-        g = lane >> 2
-        t = lane & 3
-        for i in range(acc_size):
-            acc[i] = float32(0.0)
-        top = NEG_INF
-        total = float32(0.0)
-        pairs = (end - start + 2 * TILE - 1) // (2 * TILE)
-        t0 = start + 2 * TILE * pair
-        load_tile(k_even, v_even, key_words, value_words, ids, t0, start, end, base, head, g, t)
-        after = deal(counter, lane, swap)
-        while pair < pairs:
-            t0 = start + 2 * TILE * pair
-            t1 = t0 + TILE
-            if t1 < end:
-                load_tile(
-                    k_odd, v_odd, key_words, value_words, ids, t1, start, end, base, head, g, t
-                )
-            top, total = consume(
-                k_even, v_even, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted
-            )
-            if after < pairs:
-                load_tile(
-                    k_even, v_even, key_words, value_words, ids, start + 2 * TILE * after,
-                    start, end, base, head, g, t,
-                )  # fmt: skip
-            if t1 < end:
-                top, total = consume(
-                    k_odd, v_odd, q, acc, s, p, t1, end, top, total, scale, lane, t, swap,
-                    posted,
-                )  # fmt: skip
-            pair = after
-            if pair < pairs:
-                after = deal(counter, lane, swap)
-        return top, total
-
-    return walk
-
-
-@functools.cache
 def make_kernel(
     group: int,
     head_dim: int,
@@ -651,10 +495,7 @@ def make_kernel(
     ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
     blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
     its own choice); ``hint``: a cache qualifier for the loads of the cache; ``tuning``:
-    ``make_walk``'s, and ``"last_warp"``: with several runs a kv head, the last warp of each
-    kv head to finish merges its runs (``make_hand_over``) instead of the whole block after
-    a barrier (``combine_warps``); ``"dealt"``: with several runs a kv head, its warps walk
-    its tiles as they are dealt (``make_dealt_walk``), and end as ``last_warp``."""
+    ``make_walk``'s."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -671,15 +512,10 @@ def make_kernel(
     outputs = group * head_dim
     slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
-    dealt = "dealt" in tuning and runs > 1
-    last_warp = ("last_warp" in tuning or dealt) and runs > 1  # or the last warp of each kv head
     combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
-    hand_over = make_hand_over(head_dim, runs, heads)
     load_query = make_load_query(group, head_dim)
-    write_run = make_write_run(group, head_dim, runs > 1 and not last_warp)
-    hand_over_slot = hand_over_words(head_dim)
+    write_run = make_write_run(group, head_dim, runs > 1)
     walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
-    dealt_walk = make_dealt_walk(group, head_dim, block_size, _load16, tuning)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -718,42 +554,21 @@ def make_kernel(
         g = lane >> 2
         t = lane & 3
 
-        # [ids | runs (several warps) | swap | posted], each warp's share of each in turn;
-        # with last_warp the runs are [2 counters a kv head (8 words) | each warp's slot]
+        # [ids | runs (several warps) | swap | posted], each warp's share of each in turn
         id_words = -(-(sub >> shift) // 4) * 4
         runs_at = warps * id_words
         swap_at = runs_at + (warps * slot if runs > 1 else 0)
-        if last_warp:
-            swap_at = runs_at + 8 + warps * hand_over_slot
         smem = cuda.shared.array(0, float32)
         ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
         swap = smem[swap_at : swap_at + warps * SWAP]  # (the simulator's)
         posted = cuda.shared.array(0, uint32)[swap_at + warps * SWAP :]  # (the simulator's)
-        begin = start  # the first token this warp walks
-        if last_warp:
-            counters = cuda.shared.array(0, int32)[runs_at : runs_at + 8]
-            slots = smem[runs_at + 8 : swap_at]
-            if cuda.threadIdx.x < heads:
-                counters[cuda.threadIdx.x] = 0  # make_hand_over's: warps done
-                counters[4 + cuda.threadIdx.x] = runs  # make_dealt_walk's: the next pair
-            if dealt:  # each warp files its run's block numbers in its kv head's list
-                ids = cuda.shared.array(0, int32)[warp % heads * runs * id_words :]
-                if start < seq_len:
-                    first_block = start >> shift
-                    for i in range(lane, ((end - 1) >> shift) - first_block + 1, WARP):
-                        ids[warp // heads * (sub >> shift) + i] = table[first_block + i]
-                start = part * partition_size  # the kv head's partition, walked together
-                end = min(start + partition_size, seq_len)
-                begin = start + 2 * TILE * (warp // heads)
-            cuda.syncthreads()
 
-        if begin < seq_len:
-            if not dealt:
-                first_block = start >> shift
-                blocks = ((end - 1) >> shift) - first_block + 1
-                for i in range(lane, blocks, WARP):
-                    ids[i] = table[first_block + i]
-                v5._syncwarp()
+        if start < seq_len:
+            first_block = start >> shift
+            blocks = ((end - 1) >> shift) - first_block + 1
+            for i in range(lane, blocks, WARP):
+                ids[i] = table[first_block + i]
+            v5._syncwarp()
             q = cuda.local.array(q_words, uint32)
             load_query(q, query_words, seq, num_heads, kv_head, g, t)
             k_even = cuda.local.array(k_words, uint32)
@@ -763,43 +578,20 @@ def make_kernel(
             acc = cuda.local.array(acc_size, float32)
             s = cuda.local.array(8, float32)
             p = cuda.local.array(4, float32)
-            if dealt:
-                top, total = dealt_walk(
-                    k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids,
-                    start, end, base, kv_head * row, scale, lane, swap, posted,
-                    counters[4 + warp % heads :], warp // heads,
-                )  # fmt: skip
-            else:
-                top, total = walk(
-                    k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids,
-                    start, end, base, kv_head * row, scale, lane, swap, posted,
-                )  # fmt: skip
-            last = True
-            if last_warp:
-                last, top, total = hand_over(acc, top, total, slots, counters, warp, lane, swap)
-            if last:
-                run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
-                write_run(
-                    out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
-                    part, alone, lane, swap,
-                )  # fmt: skip
-        elif last_warp:  # a run past the sequence's end weighs nothing
-            acc = cuda.local.array(acc_size, float32)
-            for i in range(acc_size):
-                acc[i] = float32(0.0)
-            last, top, total = hand_over(
-                acc, NEG_INF, float32(0.0), slots, counters, warp, lane, swap
-            )
-            if last:
-                write_run(
-                    out, partial_out, max_logits, exp_sums, acc, top, total, smem, seq, kv_head,
-                    part, alone, lane, swap,
-                )  # fmt: skip
+            top, total = walk(
+                k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
+                end, base, kv_head * row, scale, lane, swap, posted,
+            )  # fmt: skip
+            run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
+            write_run(
+                out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
+                part, alone, lane, swap,
+            )  # fmt: skip
         elif runs > 1:  # a run past the sequence's end weighs nothing
             run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
             for i in range(lane, slot, WARP):
                 run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
-        if runs > 1 and not last_warp:
+        if runs > 1:
             cuda.syncthreads()
             combine_warps(
                 out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq,
@@ -821,7 +613,6 @@ def supports(
     partition_size: int,
     warps: int = 1,
     heads: int = 1,
-    last_warp: bool = False,
 ) -> str | None:
     """None when version 6 can run this shape, else the reason it cannot: float16, at most 8
     query heads per kv head, head_dim a multiple of 64 (each of a row group's 8 row groups
@@ -836,9 +627,7 @@ def supports(
         return reason
     runs = warps // heads
     group = num_heads // num_kv_heads
-    need = shared_bytes(
-        group, head_dim, block_size, partition_size // runs, warps, heads, last_warp
-    )
+    need = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
     limit = v2.SHARED_BYTES if warps == 1 else v5.OPT_IN_SHARED_BYTES
     if need > limit:
         return f"{need} bytes of shared memory per thread block, more than {limit}"
@@ -988,13 +777,12 @@ def launch_v6(
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
     heads = v.check_int("heads", heads, 1, MAX_WARPS)
-    unknown = set(tuning) - set(CHOICES)
+    unknown = set(tuning) - set(TUNING)
     if unknown:
-        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {CHOICES}")
-    last_warp = "last_warp" in tuning or "dealt" in tuning  # (dealt ends as last_warp)
+        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {TUNING}")
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
-        heads, last_warp,
+        heads,
     )  # fmt: skip
     if reason:
         raise InvalidRequest(reason)
@@ -1002,9 +790,7 @@ def launch_v6(
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
     runs = warps // heads
-    shared = shared_bytes(
-        group, head_dim, block_size, partition_size // runs, warps, heads, last_warp
-    )
+    shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
     kernel = make_kernel(
         group, head_dim, block_size, warps, min_blocks, hint, heads, tuple(sorted(tuning))
     )
@@ -1026,7 +812,6 @@ def paged_attention_v6(
     out: Any = None,
     warps: int = 1,
     heads: int = 1,
-    tuning: tuple[str, ...] = TUNING,
 ) -> Any:
     """Version 6 (the cache loaded straight into the tensor cores' registers). Arguments as
     for ``paged_attention``, and ``launch_v6``'s; ``InvalidRequest`` for a shape ``supports``
@@ -1034,5 +819,5 @@ def paged_attention_v6(
     if partition_size is not None:
         v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     a = v2.prepare_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, out)
-    launch_v6(a, partition_size, warps, heads, tuning=tuning)
+    launch_v6(a, partition_size, warps, heads)
     return a.result()
