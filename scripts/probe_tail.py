@@ -138,9 +138,10 @@ def loads_walk(head_dim: int, block_size: int, delay: int) -> Any:
 def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads: int,
                    kind: str) -> Any:  # fmt: skip
     """Version 6's partition kernel up to the end of its walk (``kind``: one of ``KINDS``),
-    each warp writing ``[start, end, sm]`` to ``stamps[warp]`` and each lane the sum of what it
-    holds to ``sink`` (so that nothing is left out as unused); for ``v6+end`` then on to the
-    end of version 6's kernel, its output in ``out``."""
+    each warp writing ``[start, end, sm, done]`` to ``stamps[warp]`` and each lane the sum of
+    what it holds to ``sink`` (so that nothing is left out as unused); for ``v6+end`` then on
+    to the end of version 6's kernel, its output in ``out``, ``done`` when the warp has done
+    its part of it (``end`` for the others)."""
     load = attention_v6._make_load16("")
     ending = kind == "v6+end"
     if kind.startswith("v6"):
@@ -234,6 +235,7 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
             stamps[at, 0] = began
             stamps[at, 1] = ended
             stamps[at, 2] = uint64(_sm())
+            stamps[at, 3] = _now() if ending else ended
 
     return kernel
 
@@ -264,6 +266,10 @@ def report(stamps: np.ndarray, warps: int, ran: np.ndarray) -> None:
     mean_end = ended[ran].mean()
     print(f"    warp places busy {100 * busy:.1f}% of the span; mean end {mean_end:.1f} us, "
           f"{span - mean_end:.1f} us before the last")  # fmt: skip
+    done = (stamps[:, 3].astype(np.float64) - zero) / 1e3
+    if np.any(done != ended):
+        print(f"    the last step: to the last warp done {done.max():.1f} us; a warp's "
+              f"{_quantiles(done - ended)}")  # fmt: skip
 
 
 def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS) -> None:
@@ -288,7 +294,7 @@ def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS
     end_shared = attention_v6.shared_bytes(
         group, shape.head_dim, shape.block_size, partition // runs, warps, heads
     )
-    stamps = cuda.device_array((n, 3), np.uint64)
+    stamps = cuda.device_array((n, 4), np.uint64)
     sink = cuda.device_array(n * WARP, np.float32)
     query, keys, values = attention_v6.words(a)
     args = (stamps, sink, a.out, *a.workspace(partition), query, keys, values, a.block_tables,
