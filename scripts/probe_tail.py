@@ -43,6 +43,8 @@ from numba import config, cuda, float32, int32, uint32, uint64
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import probe_walk  # noqa: E402  (scripts/, this script's folder)
+
 from minipaged.bench import gpu  # noqa: E402
 from minipaged.kernels import attention_v5, attention_v6  # noqa: E402
 
@@ -96,18 +98,7 @@ def loads_walk(head_dim: int, block_size: int, delay: int) -> Any:
     load_tile = attention_v6.make_load_tile(
         head_dim, block_size, attention_v6._make_load16(""), True
     )
-    k_words = 2 * 4 * (head_dim // 8 // 4)
-    v_words = 4 * 4 * (head_dim // 8 // 8)
-
-    @cuda.jit(device=True, **attention_v6.INLINE)
-    def fold(k, v, x):  # noqa: ANN001, ANN202
-        for i in range(k_words):
-            x ^= k[i]
-        for i in range(v_words):
-            x ^= v[i]
-        for _ in range(delay):
-            x = x * x + uint32(1)
-        return x
+    fold = probe_walk.make_fold(head_dim, delay)
 
     @cuda.jit(device=True, **attention_v6.INLINE)
     def walk(

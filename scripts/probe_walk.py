@@ -46,6 +46,28 @@ VARIANTS = (attention_v6.TUNING, (), *((x,) for x in attention_v6.TUNING))  # ve
 
 
 @functools.cache
+def make_fold(head_dim: int, delay: int = 0) -> Any:
+    """The device function that XORs a lane's words of a tile (``k``, then ``v``) into ``x``
+    instead of folding them into the softmax, then runs a chain of ``delay`` dependent integer
+    multiply-adds (about 4 cycles each), standing for the latency of version 6's arithmetic
+    (``probe_tail.py`` uses it too)."""
+    k_words = 2 * 4 * (head_dim // 8 // 4)
+    v_words = 4 * 4 * (head_dim // 8 // 8)
+
+    @cuda.jit(device=True, **attention_v6.INLINE)
+    def fold(k, v, x):  # noqa: ANN001, ANN202
+        for i in range(k_words):
+            x ^= k[i]
+        for i in range(v_words):
+            x ^= v[i]
+        for _ in range(delay):
+            x = x * x + uint32(1)
+        return x
+
+    return fold
+
+
+@functools.cache
 def loads_only(
     head_dim: int, block_size: int, warps: int, heads: int, sets: int, delay: int = 0
 ) -> Any:
@@ -60,16 +82,7 @@ def loads_only(
     shift = block_size.bit_length() - 1
     row = head_dim // 2
     step = sets * TILE
-
-    @cuda.jit(device=True, **attention_v6.INLINE)
-    def fold(k, v, x):  # noqa: ANN001, ANN202
-        for i in range(k_words):
-            x ^= k[i]
-        for i in range(v_words):
-            x ^= v[i]
-        for _ in range(delay):
-            x = x * x + uint32(1)
-        return x
+    fold = make_fold(head_dim, delay)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": warps * WARP}))
     def kernel(sink, keys, values, block_tables, seq_lens, partition_size, kv_heads, id_words):  # noqa: ANN001, ANN202
