@@ -3,32 +3,32 @@
     python3 scripts/probe_tail.py [--kinds=v6,loads,...] [batch ...]
 
 ``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (the default); ``--kinds``: which of
-the stamped kernels below to run (all by default). At 64 x 4096 every warp of
-version 6's launch (``choose_launch``'s) runs at once, and the kernel lasts as long as its
-slowest warp: while the last warps finish, fewer loads are in flight than the memory wants.
-If version 6's warps end further apart than those of its loads alone (which read the cache in
-SDPA's time), that spread is where its time goes, and dealing the work out as the warps ask
-for it would win it back; if they end as close together, it is not.
+the stamped kernels below to run (all by default). At 64 x 4096 every warp of version 6's
+launch (``choose_launch``'s) runs at once, and the kernel lasts as long as its slowest warp:
+while the last warps finish, fewer loads are in flight than the memory wants. If version 6's
+warps end further apart than those of its loads alone (which read the cache in SDPA's time),
+that spread is where its time goes; if they end as close together, it is not. (They end
+closer together: docs/benchmarks.md, "When version 6's warps end".)
 
 For every warp this probe records the GPU's global timer (nanoseconds) when the warp starts
-and when it has walked its run, and the SM it ran on, in kernels that are version 6's launch
-without its last step (``write_run`` and ``combine_warps``, a few microseconds):
+and when it has walked its run, and the SM it ran on, in kernels that are version 6's:
 
-- ``v6``: version 6's walk as ``launch_v6`` makes it (all of ``make_walk``'s tuning choices);
-- ``v6+end``: the same, then version 6's own last step (the warp's end stamped before it):
-  the whole of version 6's kernel, stamped;
+- ``v6``: version 6's walk as ``launch_v6`` makes it (all of ``make_walk``'s tuning
+  choices), without the kernel's last step (``write_run`` and ``combine_warps``);
+- ``v6+end``: the same, then that last step, stamped again when the warp has done its part
+  of it: the whole of version 6's kernel, its output compared with ``launch_v6``'s;
 - ``loads``: its loads alone, the same loads in the same order into the same two sets of
-  registers, each tile only XORed into one word (as ``probe_walk.py``'s);
+  registers, each tile only XORed into one word (``probe_walk.make_fold``);
 - ``loads+128``: the loads alone with a chain of 128 dependent integer multiply-adds after
   each tile (about as long as version 6's arithmetic a tile).
 
 For each it prints the time of the whole launch (CUDA events, ``minipaged bench``'s median),
-beside SDPA and ``launch_v6``, and
-from the timer of one launch: the span from the first warp's start to the last one's end,
-when the warps started and ended (quantiles, in us from the first start), how long each warp
-took, how far apart the warps of one block and the last warps of each SM ended, and the
-share of the span the warp places were busy. In Numba's CUDA simulator the timer reads 0:
-it runs there (a tiny batch) to check the kernels only.
+beside SDPA and ``launch_v6``, and from the timer of one launch: the span from the first
+warp's start to the last one's end, when the warps started and ended (quantiles, in us from
+the first start), how long each warp took, how far apart the warps of one block and the last
+warps of each SM ended, the share of the span the warp places were busy, and for ``v6+end``
+how long the last step took. In Numba's CUDA simulator the timer reads 0: it runs there (a
+tiny batch) to check the kernels only.
 """
 
 from __future__ import annotations
