@@ -1,19 +1,20 @@
-"""Version 6's tuning choices on top of its default launch, beside SDPA, on the batches where
-the goal is SDPA's speed.
+"""Version 6's launches and tuning choices against its default launch, beside SDPA, on the
+batches where the goal is SDPA's speed.
 
     python3 scripts/tune_choices_v6.py [--choices=a,b+c,...] [--rounds=N] [batch ...]
 
 ``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (default: 64 x 4096 with 8 kv heads and
-with 32, and 32 x 8192 with 8); ``--choices``: the variants, each one or more of
-``attention_v6.CHOICES`` joined by ``+``, added to the default ones (``attention_v6.TUNING``)
-(default: each of ``attention_v6.PREFETCH``), and at most one launch ``PARTITION/WARPS/HEADS``
-instead of ``choose_launch``'s (where it has several partitions a sequence, the merge kernel
-that follows is also timed alone). Each variant's output is compared with the default
-launch's. ``--rounds``: time SDPA, the default and the variants that many times in
-turn (default 2), since two launches timed minutes apart on the same GPU can differ by 1%:
-the median of each round is printed, then each variant's time against the default's, round by
-round. Also prints each kernel's registers and local memory a thread (local memory: the
-registers spilled). In Numba's CUDA simulator it runs once, on a tiny batch, as a check.
+with 32, and 32 x 8192 with 8). ``--choices``: the variants (default: none, only SDPA and the
+default launch), each one or more items joined by ``+``: tuning choices of
+``attention_v6.TUNING`` (added to the default ones, which are all of them: only a choice being
+tried adds to them), and at most one launch ``PARTITION/WARPS/HEADS`` instead of
+``choose_launch``'s (where it has several partitions a sequence, the merge kernel that follows
+is also timed alone). Each variant's output is compared with the default launch's.
+``--rounds``: time SDPA, the default and the variants that many times in turn (default 2),
+since two launches timed minutes apart on the same GPU can differ by 1%: the median of each
+round is printed, then each variant's time against the default's, round by round. Also prints
+each kernel's registers and local memory a thread (local memory: the registers spilled). In
+Numba's CUDA simulator it runs once, on a tiny batch, as a check.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _registers(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: list 
 
 
 def main() -> None:
-    variants = [(x,) for x in attention_v6.PREFETCH]
+    variants = []
     rounds = 2
     batches = []
     for arg in sys.argv[1:]:
@@ -91,9 +92,9 @@ def main() -> None:
             rounds = int(arg.partition("=")[2])
         else:
             batches.append(arg)
-    unknown = {c for v in variants for c in v if "/" not in c} - set(attention_v6.CHOICES)
+    unknown = {c for v in variants for c in v if "/" not in c} - set(attention_v6.TUNING)
     if unknown:
-        sys.exit(f"unknown choices {sorted(unknown)}; known: {attention_v6.CHOICES}")
+        sys.exit(f"unknown choices {sorted(unknown)}; known: {attention_v6.TUNING}")
     timing = gpu.Timing(0, 1, 1) if gpu.SIMULATED else gpu.Timing()  # the simulator: a check
     print(gpu.device_name(), flush=True)
     for name in batches or ["64x4096/8", "32x8192/8", "64x4096/32"]:

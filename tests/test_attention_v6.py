@@ -73,31 +73,6 @@ def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
     close(a.result(), expected(args), np.float16)
 
 
-@pytest.mark.parametrize("prefetch", attention_v6.PREFETCH)
-def test_v6_prefetch_choices_match_reference(prefetch: str) -> None:
-    """Tiles asked for in L2 3 to 6 tiles ahead of their loads (on runs shorter than that, and
-    longer), beside the default choices: the same attention, and every row asked for exists
-    (the simulator reads its first and last words)."""
-    rng = np.random.default_rng(2)
-    args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 64, 16), 0.125)
-    a = attention.prepare_attention(*args)
-    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-    attention_v6.launch_v6(a, 192, 2, 2, tuning=(*attention_v6.TUNING, prefetch))
-    close(a.result(), expected(args), np.float16)
-
-
-@pytest.mark.parametrize("tuning", [("halves",), (*attention_v6.TUNING, "halves")])
-def test_v6_in_half_tiles_matches_reference(tuning: tuple) -> None:
-    """Four sets of half tiles taking turns, alone and with the default choices: the same
-    attention, on runs of 1 to 6 half tiles (the last partly past the end)."""
-    rng = np.random.default_rng(3)
-    args = (*nan_past_end_args(rng, [200, 45, 7, 20], 4, 2, 64, 16), 0.125)
-    a = attention.prepare_attention(*args)
-    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-    attention_v6.launch_v6(a, 96, 4, 2, tuning=tuning)
-    close(a.result(), expected(args), np.float16)
-
-
 def test_v6_refuses_an_unknown_tuning_choice() -> None:
     rng = np.random.default_rng(1)
     a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))

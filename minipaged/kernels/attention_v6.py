@@ -82,9 +82,6 @@ SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
-PREFETCH = ("prefetch3", "prefetch4", "prefetch6")  # make_walk's L2 prefetch, tiles ahead
-CHOICES = (*TUNING, *PREFETCH, "halves")
-HALF = TILE // 2  # tokens of a half tile ("halves")
 
 
 if config.ENABLE_CUDASIM:
@@ -131,13 +128,6 @@ if config.ENABLE_CUDASIM:
     @cuda.jit(device=True)
     def _run_barrier(barrier, threads):
         """Simulator: nothing (the warps of a run group keeping pace changes no result)."""
-
-    @cuda.jit(device=True)
-    def _prefetch_row(k_words, v_words, at, value, nbytes):
-        """Simulator: nothing, but the row's first and last words must exist."""
-        words = v_words if value else k_words
-        x = words[at] ^ words[at + nbytes // 4 - 1]  # an IndexError where they do not
-        return x
 
 else:
     from llvmlite import ir
@@ -190,27 +180,6 @@ else:
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
             fn = ir.FunctionType(ir.VoidType(), [_I32, _I32])
             builder.asm(fn, "bar.sync $0, $1;", "r,r", list(args), True)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _prefetch_row(typingctx, k_words, v_words, at, value, nbytes):  # noqa: ANN001, ANN202
-        """``cp.async.bulk.prefetch.L2.global``: ask the Tensor Memory Accelerator to bring
-        ``nbytes`` bytes (a multiple of 16) from ``v_words[at]`` (``value``) or
-        ``k_words[at]`` into L2; no register waits for it."""
-        sig = types.void(k_words, v_words, types.int64, types.boolean, types.uint32)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            i64 = ir.IntType(64)
-            k, vv = (context.make_array(sig.args[i])(context, builder, args[i]).data
-                     for i in (0, 1))  # fmt: skip
-            k_addr = builder.ptrtoint(builder.gep(k, [args[2]]), i64)
-            v_addr = builder.ptrtoint(builder.gep(vv, [args[2]]), i64)
-            addr = builder.select(args[3], v_addr, k_addr)
-            fn = ir.FunctionType(ir.VoidType(), [i64, _I32])
-            builder.asm(fn, "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r",
-                        [addr, args[4]], True)  # fmt: skip
             return context.get_dummy_value()
 
         return sig, codegen
@@ -444,26 +413,6 @@ def make_load_tile(head_dim: int, block_size: int, load: Any, unmasked: bool = F
 
 
 @functools.cache
-def make_prefetch_tile(head_dim: int, block_size: int) -> Any:
-    """The device function that asks for one tile of a run in L2 ahead of its loads (the
-    ``prefetch`` tuning choices): lane ``l`` prefetches the K row (lanes 0 to 15) or the V row
-    (16 to 31) of token ``t0 + l % 16``, the kv head's ``2 * head_dim`` bytes, if that token is
-    before ``end``. One instruction a lane, through the Tensor Memory Accelerator, with no
-    register waiting for it."""
-    shift = block_size.bit_length() - 1
-    nbytes = uint32(2 * head_dim)
-
-    @cuda.jit(device=True, **INLINE)
-    def prefetch_tile(key_words, value_words, ids, t0, start, end, base, head, lane):
-        tok = t0 + (lane & (TILE - 1))
-        if tok < end:
-            at = ((ids[(tok - start) >> shift] << shift) + (tok & (block_size - 1))) * base + head
-            _prefetch_row(key_words, value_words, at, lane >= TILE, nbytes)
-
-    return prefetch_tile
-
-
-@functools.cache
 def make_walk(
     group: int, head_dim: int, block_size: int, load: Any, tuning: tuple[str, ...] = (),
     heads: int = 1,
@@ -483,15 +432,11 @@ def make_walk(
     ``"lockstep"``: the ``heads`` warps of a block that walk the same run (of neighbouring kv
     heads: neighbouring bytes of the same rows, and as many tiles) wait for each other at
     every pair of tiles, so that they read those rows together."""
-    if "halves" in tuning:
-        return make_walk_halves(group, head_dim, block_size, load, tuning, heads)
     acc_size = 4 * (head_dim // 16)
     load_tile = make_load_tile(head_dim, block_size, load, "unmasked" in tuning)
     consume = make_consume(group, head_dim, "lazy" in tuning)
     lockstep = "lockstep" in tuning and heads > 1
     run_threads = heads * WARP
-    ahead = max([int(x[len("prefetch") :]) for x in tuning if x in PREFETCH] or [0])
-    prefetch_tile = make_prefetch_tile(head_dim, block_size)
 
     @cuda.jit(device=True, **INLINE)
     def walk(
@@ -507,17 +452,9 @@ def make_walk(
         top = NEG_INF
         total = float32(0.0)
         load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
-        if ahead:
-            for i in range(2, ahead):
-                prefetch_tile(key_words, value_words, ids, start + i * TILE, start, end, base,
-                              head, lane)  # fmt: skip
         for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
             if lockstep:
                 _run_barrier(int32(1 + cuda.threadIdx.x // run_threads), int32(run_threads))
-            if ahead:
-                for i in range(ahead, ahead + 2):
-                    prefetch_tile(key_words, value_words, ids, t0 + i * TILE, start, end, base,
-                                  head, lane)  # fmt: skip
             t1 = t0 + TILE
             if t1 < end:
                 load_tile(
@@ -536,176 +473,6 @@ def make_walk(
                     k_odd, v_odd, q, acc, s, p, t1, end, top, total, scale, lane, t, swap,
                     posted,
                 )  # fmt: skip
-        return top, total
-
-    return walk
-
-
-@functools.cache
-def make_load_half(head_dim: int, block_size: int, load: Any, unmasked: bool = False) -> Any:
-    """The device function that starts the loads of half a tile, the 8 tokens from ``t0`` (a
-    multiple of 8): lane ``(g, t)`` loads K pieces ``t + 4 i`` of token ``g`` and V pieces
-    ``g + 8 u`` of tokens ``2t`` and ``2t + 1``, half of what ``make_read_tile`` loads (its
-    ``r = 0`` and ``r < 2`` rows); tokens past ``end`` are zeros. ``unmasked``: no test a load
-    where all 8 are before ``end``."""
-    shift = block_size.bit_length() - 1
-    k_pieces = head_dim // PIECE // 4
-    v_pieces = head_dim // PIECE // 8
-
-    @cuda.jit(device=True, **INLINE)
-    def load_half(k_regs, v_regs, key_words, value_words, ids, t0, start, end, base, head, g, t):
-        at = ((ids[(t0 - start) >> shift] << shift) + (t0 & (block_size - 1))) * base + head
-        whole = unmasked and t0 + HALF <= end
-        for i in range(k_pieces):
-            if whole or t0 + g < end:
-                w0, w1, w2, w3 = load(key_words, at + g * base + PIECE // 2 * (t + 4 * i))
-            else:
-                w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-            k_regs[4 * i], k_regs[4 * i + 1], k_regs[4 * i + 2], k_regs[4 * i + 3] = w0, w1, w2, w3
-        for r in range(2):
-            tok = 2 * t + r
-            for u in range(v_pieces):
-                o = 4 * (r * v_pieces + u)
-                if whole or t0 + tok < end:
-                    w0, w1, w2, w3 = load(value_words, at + tok * base + PIECE // 2 * (g + 8 * u))
-                else:
-                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
-                v_regs[o], v_regs[o + 1], v_regs[o + 2], v_regs[o + 3] = w0, w1, w2, w3
-
-    return load_half
-
-
-@functools.cache
-def make_consume_half(group: int, head_dim: int, lazy: bool = False) -> Any:
-    """``make_consume`` for half a tile, as ``make_load_half`` leaves it: the logits of tokens
-    ``2t`` and ``2t + 1`` (one n tile of the product), and ``O^T += V^T P^T`` over those 8
-    tokens (an ``m16n8k16`` product whose second half of ``k`` is zeros)."""
-    k_pieces = head_dim // PIECE // 4
-    v_pieces = head_dim // PIECE // 8
-    tiles_m = head_dim // 16
-    zero = uint32(0)
-
-    @cuda.jit(device=True, **INLINE)
-    def consume(k_regs, v_regs, q, acc, s, p, t0, end, top, total, scale, lane, t, swap, posted):
-        for i in range(4):
-            s[i] = float32(0.0)
-        for i in range(k_pieces):
-            for h in range(2):
-                w = 4 * i + 2 * h
-                s[0], s[1], s[2], s[3] = v5._mma(
-                    q[w], zero, q[w + 1], zero, k_regs[w], k_regs[w + 1], s[0], s[1], s[2], s[3],
-                    posted,
-                )  # fmt: skip
-        step = NEG_INF
-        for i in range(2):
-            x = s[i] * scale
-            p[i] = x if t0 + 2 * t + i < end else NEG_INF
-            step = max(step, p[i])
-        step = max(step, _lane_value(step, lane ^ 1, swap))
-        step = max(step, _lane_value(step, lane ^ 2, swap))
-        new_top = max(top, step)
-        alpha = math.exp(top - new_top)
-        top = new_top
-        total *= alpha
-        for i in range(2):
-            p[i] = v5._round_f16(math.exp(p[i] - top))
-            total += p[i]
-        b0 = v5._pack_f16(p[0], p[1])
-        alpha0 = _lane_value(alpha, 8 * t, swap)
-        alpha1 = _lane_value(alpha, 8 * t + 4, swap)
-        if lazy:
-            if _any_lane(alpha0 != float32(1.0) or alpha1 != float32(1.0), swap):
-                for j in range(tiles_m):
-                    acc[4 * j] *= alpha0
-                    acc[4 * j + 1] *= alpha1
-                    acc[4 * j + 2] *= alpha0
-                    acc[4 * j + 3] *= alpha1
-            alpha0 = alpha1 = float32(1.0)
-        for j in range(tiles_m):
-            u, w = j >> 2, j & 3
-            x0 = v_regs[4 * u + w]
-            x1 = v_regs[4 * (v_pieces + u) + w]
-            o = 4 * j
-            acc[o], acc[o + 1], acc[o + 2], acc[o + 3] = v5._mma(
-                _lows(x0, x1), _highs(x0, x1), zero, zero, b0, zero,
-                acc[o] * alpha0, acc[o + 1] * alpha1, acc[o + 2] * alpha0,
-                acc[o + 3] * alpha1, posted,
-            )  # fmt: skip
-        return top, total
-
-    return consume
-
-
-@functools.cache
-def make_walk_halves(
-    group: int, head_dim: int, block_size: int, load: Any, tuning: tuple[str, ...] = (),
-    heads: int = 1,
-) -> Any:  # fmt: skip
-    """``make_walk`` in half tiles (the ``halves`` tuning choice): four sets of registers, each
-    half as large as one of ``make_walk``'s two, take turns, so that while one half tile is
-    folded in, three (24 tokens) are in flight rather than one tile (16). The same registers
-    hold the loads; what changes is how much of them waits for the arithmetic. The arguments
-    are ``make_walk``'s, whose two sets go unused (the four are the walk's own)."""
-    acc_size = 4 * (head_dim // 16)
-    k_words = 4 * (head_dim // PIECE // 4)
-    v_words = 2 * 4 * (head_dim // PIECE // 8)
-    load_half = make_load_half(head_dim, block_size, load, "unmasked" in tuning)
-    consume = make_consume_half(group, head_dim, "lazy" in tuning)
-    lockstep = "lockstep" in tuning and heads > 1
-    run_threads = heads * WARP
-
-    @cuda.jit(device=True, **INLINE)
-    def walk(
-        k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start, end,
-        base, head, scale, lane, swap, posted,
-    ):  # fmt: skip
-        g = lane >> 2
-        t = lane & 3
-        k0 = cuda.local.array(k_words, uint32)
-        v0 = cuda.local.array(v_words, uint32)
-        k1 = cuda.local.array(k_words, uint32)
-        v1 = cuda.local.array(v_words, uint32)
-        k2 = cuda.local.array(k_words, uint32)
-        v2_ = cuda.local.array(v_words, uint32)
-        k3 = cuda.local.array(k_words, uint32)
-        v3_ = cuda.local.array(v_words, uint32)
-        for i in range(acc_size):
-            acc[i] = float32(0.0)
-        top = NEG_INF
-        total = float32(0.0)
-        load_half(k0, v0, key_words, value_words, ids, start, start, end, base, head, g, t)
-        if start + HALF < end:
-            load_half(k1, v1, key_words, value_words, ids, start + HALF, start, end, base, head,
-                      g, t)  # fmt: skip
-        if start + 2 * HALF < end:
-            load_half(k2, v2_, key_words, value_words, ids, start + 2 * HALF, start, end, base,
-                      head, g, t)  # fmt: skip
-        for t0 in range(start, end, 4 * HALF):  # four half tiles, one from each set
-            if lockstep:
-                _run_barrier(int32(1 + cuda.threadIdx.x // run_threads), int32(run_threads))
-            if t0 + 3 * HALF < end:
-                load_half(k3, v3_, key_words, value_words, ids, t0 + 3 * HALF, start, end, base,
-                          head, g, t)  # fmt: skip
-            top, total = consume(k0, v0, q, acc, s, p, t0, end, top, total, scale, lane, t,
-                                 swap, posted)  # fmt: skip
-            if t0 + HALF < end:
-                if t0 + 4 * HALF < end:
-                    load_half(k0, v0, key_words, value_words, ids, t0 + 4 * HALF, start, end,
-                              base, head, g, t)  # fmt: skip
-                top, total = consume(k1, v1, q, acc, s, p, t0 + HALF, end, top, total, scale,
-                                     lane, t, swap, posted)  # fmt: skip
-            if t0 + 2 * HALF < end:
-                if t0 + 5 * HALF < end:
-                    load_half(k1, v1, key_words, value_words, ids, t0 + 5 * HALF, start, end,
-                              base, head, g, t)  # fmt: skip
-                top, total = consume(k2, v2_, q, acc, s, p, t0 + 2 * HALF, end, top, total,
-                                     scale, lane, t, swap, posted)  # fmt: skip
-            if t0 + 3 * HALF < end:
-                if t0 + 6 * HALF < end:
-                    load_half(k2, v2_, key_words, value_words, ids, t0 + 6 * HALF, start, end,
-                              base, head, g, t)  # fmt: skip
-                top, total = consume(k3, v3_, q, acc, s, p, t0 + 3 * HALF, end, top, total,
-                                     scale, lane, t, swap, posted)  # fmt: skip
         return top, total
 
     return walk
@@ -1010,9 +777,9 @@ def launch_v6(
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
     heads = v.check_int("heads", heads, 1, MAX_WARPS)
-    unknown = set(tuning) - set(CHOICES)
+    unknown = set(tuning) - set(TUNING)
     if unknown:
-        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {CHOICES}")
+        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {TUNING}")
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
         heads,
