@@ -36,7 +36,7 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
     attention_v6.launch_v6(a)
     print(f"  default: {_registers(shape, attention_v6.TUNING)}")
     want = a.out.copy_to_host().astype(np.float32)
-    names = ["default", *("+".join(v) for v in variants)]
+    names = ["default"]
     launches = [lambda: attention_v6.launch_v6(a)]
     for items in variants:
         launch = [int(x) for i in items if "/" in i for x in i.split("/")] or [None, 1, 1]
@@ -46,6 +46,7 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
         print(f"  {'+'.join(items):24s} |diff| from the default's {diff:.1e}; "
               f"{_registers(shape, tuning, launch)}", flush=True)  # fmt: skip
+        names.append("+".join(items))
         launches.append(lambda t=tuning, n=launch: attention_v6.launch_v6(a, *n, tuning=t))
         if launch[0] and launch[0] < shape.context:  # the merge kernel alone, as it follows
             names.append(f"{launch[0]}: merge alone")

@@ -114,8 +114,10 @@ def test_choose_launch_keeps_runs_whole_and_grids_full() -> None:
     the GPU's 132 x 8 warp places in one wave gets one: one partition a sequence, each pair
     walked by as many warps as fit, blocks of 8 warps over neighbouring kv heads. Other big
     batches get one partition a sequence of up to 8 warps of 1,024 tokens, each with tokens to
-    walk; a small one runs shorter (so more warps) down to 256."""
-    for seqs, context in ((1, 32768), (8, 16384), (64, 4096), (256, 1024), (3, 17), (1, 1)):
+    walk, in blocks of 1, 2, 4 or 8 warps, and 8 from 4,096 tokens on; a small one runs shorter
+    (so more warps) down to 256."""
+    cases = ((1, 32768), (8, 16384), (64, 4096), (256, 1024), (3, 17), (1, 1), (200, 3000))
+    for seqs, context in (*cases, (100, 5000)):
         for kv_heads in (8, 32, 3):
             partition, warps, heads = attention_v6.choose_launch(seqs, kv_heads, context, 16)
             reason = supports(np.float16, 4 * kv_heads, kv_heads, 128, 16, partition, warps, heads)
@@ -126,7 +128,10 @@ def test_choose_launch_keeps_runs_whole_and_grids_full() -> None:
     assert attention_v6.choose_launch(32, 32, 8192, 16) == (8192, 8, 8)
     assert attention_v6.choose_launch(96, 11, 4000, 16) == (4000, 1, 1)  # 11: a prime
     assert attention_v6.choose_launch(256, 8, 1024, 16) == (1024, 1, 1)  # 2,048 pairs
-    assert attention_v6.choose_launch(64, 32, 4096, 16) == (4096, 4, 1)
+    assert attention_v6.choose_launch(64, 32, 4096, 16) == (4096, 8, 1)  # 8 warps of 512
+    assert attention_v6.choose_launch(64, 32, 4095, 16) == (4096, 4, 1)  # under 8 x 512
+    assert attention_v6.choose_launch(100, 8, 5000, 16) == (5120, 8, 1)  # 8 warps of 640
+    assert attention_v6.choose_launch(200, 8, 3000, 16) == (3008, 4, 1)  # 4 of 752, not 3
     assert attention_v6.choose_launch(8, 8, 16384, 16) == (4096, 8, 1)  # half the places
     assert attention_v6.choose_launch(1, 8, 32768, 16) == (2048, 8, 1)
     assert attention_v6.one_wave(8, 32, 16384, 16) is None  # a partition too long

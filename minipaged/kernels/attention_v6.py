@@ -669,6 +669,7 @@ def runs_reason(
 
 RUN_TOKENS = 1024  # tokens a warp walks, at most, when the batch takes several waves
 MIN_RUN_TOKENS = 256  # and at least, however few blocks the grid has
+SHARED_RUN_TOKENS = 512  # a sequence with that many for LAUNCH_WARPS warps gets them all
 LAUNCH_WARPS = 8  # warps a block, at most
 SM_WARPS = 8  # warps an SM holds at 255 registers a thread
 ONE_WAVE_FILL = 0.9  # share of the GPU's warp places a one-wave launch must fill
@@ -695,13 +696,26 @@ def several_waves(
     no merge, and no warp holding an SM's registers for nothing. On an H100 (docs/
     benchmarks.md) that was the fastest launch of one kv head a block, or within 1% of it, from
     32 x 8k to 256 x 1k; blocks with idle warps (a partition longer than the sequence) lost 10
-    to 20%, since at 255 registers a thread an SM holds only ``SM_WARPS`` warps."""
+    to 20%, since at 255 registers a thread an SM holds only ``SM_WARPS`` warps. For the same
+    reason a block has 1, 2, 4 or 8 warps, the runs shared out evenly: an SM holds one block
+    of 5 warps, and at 100 x 5000 (32/8) 5 warps of 1,024 tokens were 9% slower than 8 of 640.
+    And a sequence of at least 4,096 tokens is shared by all ``LAUNCH_WARPS`` warps, each
+    walking at least ``SHARED_RUN_TOKENS``: at 64 x 4096 with 32 kv heads, 8 warps of 512
+    tokens ran 0.5 to 0.6% faster than 4 of 1,024 on three H100s (for 32/8, at 160 x 4096,
+    0.3% slower)."""
     sub = max(block_size, min(RUN_TOKENS, -(-max_seq_len // block_size) * block_size))
     while num_seqs * num_kv_heads * -(
         -max_seq_len // sub
     ) < SM_WARPS * v5.multiprocessors() and sub // 2 >= max(MIN_RUN_TOKENS, block_size):
         sub //= 2
-    warps = max(1, min(LAUNCH_WARPS, -(-max_seq_len // sub)))
+    runs = -(-max_seq_len // sub)
+    if runs >= LAUNCH_WARPS:  # several partitions of LAUNCH_WARPS runs
+        return LAUNCH_WARPS * sub, LAUNCH_WARPS, 1
+    warps = 1 << (runs - 1).bit_length()  # a power of two: blocks fill an SM's places
+    if max_seq_len >= LAUNCH_WARPS * SHARED_RUN_TOKENS:
+        warps = LAUNCH_WARPS
+    if warps > runs:  # the runs shared out evenly, in whole blocks of the cache
+        sub = -(-max_seq_len // (warps * block_size)) * block_size
     return warps * sub, warps, 1
 
 
