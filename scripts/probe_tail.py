@@ -329,9 +329,7 @@ def main() -> None:
         else:
             batches.append(arg)
     for name in batches or ["64x4096/8"]:
-        seqs_context, kv = name.split("/")
-        seqs, context = map(int, seqs_context.split("x"))
-        probe(gpu.AttentionShape(seqs, context, 32, int(kv)), timing, kinds)
+        probe(gpu.batch_shape(name), timing, kinds)
 
 
 if __name__ == "__main__":

@@ -249,9 +249,7 @@ def main() -> None:
     copy = gpu.copy_bandwidth(timing, 1 << 12 if config.ENABLE_CUDASIM else 1 << 30)
     print(f"{gpu.device_name()}; copy {copy:.0f} GB/s", flush=True)
     for name in wanted:
-        seqs_context, kv = name.split("/")
-        seqs, context = map(int, seqs_context.split("x"))
-        probe(gpu.AttentionShape(seqs, context, 32, int(kv)), copy, timing, loads)
+        probe(gpu.batch_shape(name), copy, timing, loads)
 
 
 if __name__ == "__main__":

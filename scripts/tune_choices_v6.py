@@ -99,9 +99,7 @@ def main() -> None:
     timing = gpu.Timing(0, 1, 1) if gpu.SIMULATED else gpu.Timing()  # the simulator: a check
     print(gpu.device_name(), flush=True)
     for name in batches or ["64x4096/8", "32x8192/8", "64x4096/32"]:
-        seqs_context, kv = name.split("/")
-        seqs, context = map(int, seqs_context.split("x"))
-        run(gpu.AttentionShape(seqs, context, 32, int(kv)), variants, rounds, timing)
+        run(gpu.batch_shape(name), variants, rounds, timing)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ def test_device_random_fills_every_element_with_values_in_range() -> None:
     assert not np.array_equal(a, b)
 
 
+def test_batch_shape_reads_seqs_context_and_kv_heads() -> None:
+    assert gpu.batch_shape("64x4096/8") == gpu.AttentionShape(64, 4096, 32, 8)
+    assert gpu.batch_shape("1x32768/32").kv_heads == 32
+    for bad in ("64x4096", "64/8", "ax4096/8", "64x4096/8/1"):
+        with pytest.raises(ValueError, match="SEQSxCONTEXT/KV"):
+            gpu.batch_shape(bad)
+
+
 def test_kv_bytes_counts_each_kv_byte_once_however_many_heads_share_it() -> None:
     shape = gpu.AttentionShape(seqs=2, context=10, heads=8, kv_heads=2, head_dim=4)
     kv = 2 * 2 * 10 * 2 * 4 * 2  # K and V, seqs, tokens, kv heads, dims, bytes

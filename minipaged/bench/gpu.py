@@ -394,6 +394,17 @@ DECODE_BATCHES = ((1, 32768), (8, 16384), (32, 8192), (64, 4096), (128, 2048), (
 HEADS = ((32, 8), (32, 32))  # (query heads, kv heads): grouped-query and multi-head
 
 
+def batch_shape(name: str) -> AttentionShape:
+    """The decode batch ``SEQSxCONTEXT/KV`` names, such as ``64x4096/8``: 32 query heads over
+    ``KV`` kv heads, the benchmark's other sizes (the probe and tuning scripts' batches)."""
+    try:
+        seqs_context, kv = name.split("/")
+        seqs, context = map(int, seqs_context.split("x"))
+        return AttentionShape(seqs, context, 32, int(kv))
+    except ValueError:
+        raise ValueError(f"a batch is SEQSxCONTEXT/KV, such as 64x4096/8, not {name!r}") from None
+
+
 def attention_shapes(quick: bool = False) -> list[AttentionShape]:
     """The benchmark's decode batches; ``quick`` gives tiny ones (the simulator's dry run)."""
     if quick:
