@@ -708,7 +708,7 @@ def several_waves(
         -max_seq_len // sub
     ) < SM_WARPS * v5.multiprocessors() and sub // 2 >= max(MIN_RUN_TOKENS, block_size):
         sub //= 2
-    runs = -(-max_seq_len // sub)
+    runs = max(1, -(-max_seq_len // sub))
     if runs >= LAUNCH_WARPS:  # several partitions of LAUNCH_WARPS runs
         return LAUNCH_WARPS * sub, LAUNCH_WARPS, 1
     warps = 1 << (runs - 1).bit_length()  # a power of two: blocks fill an SM's places
