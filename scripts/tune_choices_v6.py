@@ -20,6 +20,7 @@ Numba's CUDA simulator it runs once, on a tiny batch, as a check.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,10 +32,11 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         timing: gpu.Timing) -> None:  # fmt: skip
     """One batch: SDPA, the default launch and each variant, ``rounds`` times in turn."""
     print(f"{shape.seqs} x {shape.context}, {shape.heads}/{shape.kv_heads}", flush=True)
-    print(f"  launch: {attention_v6.choose_launch(shape.seqs, shape.kv_heads, shape.context, 16)}")
+    pick = attention_v6.choose_launch(shape.seqs, shape.kv_heads, shape.context, shape.block_size)
+    print(f"  launch: {pick}")
     a = gpu.attention_inputs(shape, seed=5)
     attention_v6.launch_v6(a)
-    print(f"  default: {_registers(shape, attention_v6.TUNING)}")
+    print(f"  default: {_registers(shape, attention_v6.TUNING, pick)}")
     want = a.out.copy_to_host().astype(np.float32)
     names = ["default"]
     launches = [lambda: attention_v6.launch_v6(a)]
@@ -44,8 +46,9 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
         attention_v6.launch_v6(a, *launch, tuning=tuning)
         diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-        print(f"  {'+'.join(items):24s} |diff| from the default's {diff:.1e}; "
-              f"{_registers(shape, tuning, launch)}", flush=True)  # fmt: skip
+        registers = _registers(shape, tuning, launch if launch[0] else pick)
+        print(f"  {'+'.join(items):24s} |diff| from the default's {diff:.1e}; {registers}",
+              flush=True)  # fmt: skip
         names.append("+".join(items))
         launches.append(lambda t=tuning, n=launch: attention_v6.launch_v6(a, *n, tuning=t))
         if launch[0] and launch[0] < shape.context:  # the merge kernel alone, as it follows
@@ -66,17 +69,14 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         print(f"  {name:24s} against the default {vs_default}; SDPA {vs_sdpa}", flush=True)
 
 
-def _registers(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: list | None = None
-               ) -> str:  # fmt: skip
-    """Registers and local memory a thread of the kernel ``launch_v6`` ran for ``shape``
-    (``launch``: its ``[partition, warps, heads]``, or None for ``choose_launch``'s)."""
-    if launch and launch[0]:
-        _, warps, heads = launch
-    else:
-        _, warps, heads = attention_v6.choose_launch(shape.seqs, shape.kv_heads, shape.context, 16)
+def _registers(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: Sequence[int]) -> str:
+    """Registers and local memory a thread of the kernel ``launch_v6`` ran for ``shape`` with
+    ``tuning`` (sorted, as ``launch_v6`` passes it) at ``launch``, its ``(partition, warps,
+    heads)``."""
+    _, warps, heads = launch
     kernel = attention_v6.make_kernel(
         shape.heads // shape.kv_heads, shape.head_dim, shape.block_size, warps, 0, "", heads,
-        tuple(sorted(tuning)),
+        tuning,
     )  # fmt: skip
     return ", ".join(f"{c.regs_per_thread} registers, {c.local_mem_per_thread} bytes of local "
                      "memory a thread" for c in kernel.overloads.values())  # fmt: skip
