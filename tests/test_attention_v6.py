@@ -73,6 +73,19 @@ def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
     close(a.result(), expected(args), np.float16)
 
 
+@pytest.mark.parametrize("ahead", attention_v6.AHEAD)
+def test_v6_l1_prefetch_choices_match_reference(ahead: str) -> None:
+    """Tiles asked for in L1 2 to 4 tiles ahead of their loads (rows of two lines, on runs
+    shorter than that and longer), beside the default choices: the same attention, and every
+    line asked for exists (the simulator reads its first word)."""
+    rng = np.random.default_rng(2)
+    args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 128, 16), 0.125)
+    a = attention.prepare_attention(*args)
+    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+    attention_v6.launch_v6(a, 192, 2, 2, tuning=(*attention_v6.TUNING, ahead))
+    close(a.result(), expected(args), np.float16)
+
+
 def test_v6_refuses_an_unknown_tuning_choice() -> None:
     rng = np.random.default_rng(1)
     a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))
