@@ -181,11 +181,7 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
         x = float32(0.0)
         ended = began
         if start < seq_len:
-            table = block_tables[seq]
-            first = start >> shift
-            for i in range(lane, ((end - 1) >> shift) - first + 1, WARP):
-                ids[i] = table[first + i]
-            attention_v5._syncwarp()
+            attention_v6.fetch_ids(ids, block_tables[seq], start, end, shift, lane)
             g = lane >> 2
             t = lane & 3
             q = cuda.local.array(q_words, uint32)

@@ -98,11 +98,7 @@ def loads_only(
         ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
         x = uint32(0)
         if start < seq_len:
-            table = block_tables[seq]
-            first = start >> shift
-            for i in range(lane, ((end - 1) >> shift) - first + 1, WARP):
-                ids[i] = table[first + i]
-            attention_v5._syncwarp()
+            attention_v6.fetch_ids(ids, block_tables[seq], start, end, shift, lane)
             base = kv_heads * row
             head = kv_head * row
             g = lane >> 2

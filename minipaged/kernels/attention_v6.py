@@ -231,6 +231,19 @@ def shared_bytes(
     return 4 * (ids + runs + warps * (SWAP + POSTED))
 
 
+@cuda.jit(device=True, **INLINE)
+def fetch_ids(ids, table, start, end, shift, lane):  # noqa: ANN001, ANN201
+    """Copy the cache blocks of tokens ``start`` to ``end - 1`` (``start`` on a block boundary,
+    blocks of ``1 << shift`` tokens) from the sequence's ``table`` into this warp's ``ids``
+    in shared memory, each lane every 32nd, and wait until the warp's are all in: a walk looks
+    up one a tile there, where holding them in registers would leave fewer for the cache
+    (versions 6 and 8 and the probes that take version 6 apart share it)."""
+    first = start >> shift
+    for i in range(lane, ((end - 1) >> shift) - first + 1, WARP):
+        ids[i] = table[first + i]
+    v5._syncwarp()
+
+
 @functools.cache
 def make_load_query(group: int, head_dim: int) -> Any:
     """The device function that loads lane ``(g, t)``'s query registers: pieces ``t + 4 i`` of
@@ -608,7 +621,6 @@ def make_kernel(
         num_heads = partial_out.shape[1]
         kv_heads = num_heads // group
         base = kv_heads * row  # words from one token's row to the next
-        table = block_tables[seq]
         g = lane >> 2
         t = lane & 3
 
@@ -622,11 +634,7 @@ def make_kernel(
         posted = cuda.shared.array(0, uint32)[swap_at + warps * SWAP :]  # (the simulator's)
 
         if start < seq_len:
-            first_block = start >> shift
-            blocks = ((end - 1) >> shift) - first_block + 1
-            for i in range(lane, blocks, WARP):
-                ids[i] = table[first_block + i]
-            v5._syncwarp()
+            fetch_ids(ids, block_tables[seq], start, end, shift, lane)
             q = cuda.local.array(q_words, uint32)
             load_query(q, query_words, seq, num_heads, kv_head, g, t)
             k_even = cuda.local.array(k_words, uint32)

@@ -206,11 +206,7 @@ def make_kernel(
                 break
             start = mine[at + 1]
             end = mine[at + 2]
-            table = block_tables[seq]
-            first_block = start >> shift
-            for j in range(lane, ((end - 1) >> shift) - first_block + 1, WARP):
-                ids[j] = table[first_block + j]
-            v5._syncwarp()
+            v6.fetch_ids(ids, block_tables[seq], start, end, shift, lane)
             load_query(q, query_words, seq, num_heads, kv_head, g, t)
             top, total = walk(
                 k_even, v_even, k_odd, v_odd, q, acc, s, p, key_words, value_words, ids, start,
