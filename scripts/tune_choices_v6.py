@@ -13,14 +13,18 @@ is also timed alone). Each variant's output is compared with the default launch'
 ``--rounds``: time SDPA, the default and the variants that many times in turn (default 2),
 since two launches timed minutes apart on the same GPU can differ by 1%: the median of each
 round is printed, then each variant's time against the default's, round by round. Also prints
-each kernel's registers and local memory a thread (local memory: the registers spilled). In
-Numba's CUDA simulator it runs once, on a tiny batch, as a check.
+each kernel's registers and local memory a thread (local memory: the registers spilled) and
+its cache-control instructions (prefetches). In Numba's CUDA simulator it runs once, on a tiny
+batch, as a check.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,16 +74,32 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
 
 
 def _registers(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: Sequence[int]) -> str:
-    """Registers and local memory a thread of the kernel ``launch_v6`` ran for ``shape`` with
-    ``tuning`` (sorted, as ``launch_v6`` passes it) at ``launch``, its ``(partition, warps,
-    heads)``."""
+    """Registers and local memory a thread, and the cache-control instructions, of the kernel
+    ``launch_v6`` ran for ``shape`` with ``tuning`` (sorted, as ``launch_v6`` passes it) at
+    ``launch``, its ``(partition, warps, heads)``."""
     _, warps, heads = launch
     kernel = attention_v6.make_kernel(
         shape.heads // shape.kv_heads, shape.head_dim, shape.block_size, warps, 0, "", heads,
         tuning,
     )  # fmt: skip
-    return ", ".join(f"{c.regs_per_thread} registers, {c.local_mem_per_thread} bytes of local "
-                     "memory a thread" for c in kernel.overloads.values())  # fmt: skip
+    registers = ", ".join(f"{c.regs_per_thread} registers, {c.local_mem_per_thread} bytes of "
+                          "local memory a thread" for c in kernel.overloads.values())  # fmt: skip
+    return "; ".join(x for x in (registers, _prefetches(kernel)) if x)  # (no registers: simulated)
+
+
+def _prefetches(kernel: Any) -> str:
+    """The kernel's cache-control instructions by name (``CCTL``: what ``prefetch.global.L1``
+    becomes in machine code, ``...PF1`` for L1), so that a prefetch that changed nothing can
+    be told from one compiled away; needs ``nvdisasm``."""
+    try:
+        sass = kernel.inspect_sass()
+    except Exception as e:  # noqa: BLE001  (the simulator has no SASS; nvdisasm may be missing)
+        return f"SASS not read ({type(e).__name__})"
+    text = "\n".join(sass.values()) if isinstance(sass, dict) else str(sass)
+    found = Counter(re.findall(r"\bCCTL[.\w]*", text))
+    return "cache-control instructions: " + (
+        ", ".join(f"{n} {k}" for k, n in found.items()) or "none"
+    )
 
 
 def main() -> None:
