@@ -40,7 +40,7 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
     print(f"  launch: {pick}")
     a = gpu.attention_inputs(shape, seed=5)
     attention_v6.launch_v6(a)
-    print(f"  default: {_registers(shape, attention_v6.TUNING, pick)}")
+    print(f"  default: {_compiled(shape, attention_v6.TUNING, pick)}")
     want = a.out.copy_to_host().astype(np.float32)
     names = ["default"]
     launches = [lambda: attention_v6.launch_v6(a)]
@@ -50,8 +50,8 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
         attention_v6.launch_v6(a, *launch, tuning=tuning)
         diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-        registers = _registers(shape, tuning, launch if launch[0] else pick)
-        print(f"  {'+'.join(items):24s} |diff| from the default's {diff:.1e}; {registers}",
+        compiled = _compiled(shape, tuning, launch if launch[0] else pick)
+        print(f"  {'+'.join(items):24s} |diff| from the default's {diff:.1e}; {compiled}",
               flush=True)  # fmt: skip
         names.append("+".join(items))
         launches.append(lambda t=tuning, n=launch: attention_v6.launch_v6(a, *n, tuning=t))
@@ -73,7 +73,7 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         print(f"  {name:24s} against the default {vs_default}; SDPA {vs_sdpa}", flush=True)
 
 
-def _registers(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: Sequence[int]) -> str:
+def _compiled(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: Sequence[int]) -> str:
     """Registers and local memory a thread, and the cache-control instructions, of the kernel
     ``launch_v6`` ran for ``shape`` with ``tuning`` (sorted, as ``launch_v6`` passes it) at
     ``launch``, its ``(partition, warps, heads)``."""

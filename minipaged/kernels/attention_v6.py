@@ -496,7 +496,7 @@ def make_walk(
     consume = make_consume(group, head_dim, "lazy" in tuning)
     lockstep = "lockstep" in tuning and heads > 1
     run_threads = heads * WARP
-    ahead = max([int(x[len("l1ahead") :]) for x in tuning if x in AHEAD] or [0])
+    ahead = max((int(x.removeprefix("l1ahead")) for x in tuning if x in AHEAD), default=0)
     prefetch_tile = make_prefetch_tile(head_dim, block_size)
 
     @cuda.jit(device=True, **INLINE)
