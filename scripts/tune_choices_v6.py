@@ -6,25 +6,21 @@ batches where the goal is SDPA's speed.
 ``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (default: 64 x 4096 with 8 kv heads and
 with 32, and 32 x 8192 with 8). ``--choices``: the variants (default: none, only SDPA and the
 default launch), each one or more items joined by ``+``: tuning choices of
-``attention_v6.CHOICES`` (added to the default ones, which are all of them: only a choice being
+``attention_v6.TUNING`` (added to the default ones, which are all of them: only a choice being
 tried adds to them), and at most one launch ``PARTITION/WARPS/HEADS`` instead of
 ``choose_launch``'s (where it has several partitions a sequence, the merge kernel that follows
 is also timed alone). Each variant's output is compared with the default launch's.
 ``--rounds``: time SDPA, the default and the variants that many times in turn (default 2),
 since two launches timed minutes apart on the same GPU can differ by 1%: the median of each
 round is printed, then each variant's time against the default's, round by round. Also prints
-each kernel's registers and local memory a thread (local memory: the registers spilled) and
-its cache-control instructions (prefetches). In Numba's CUDA simulator it runs once, on a tiny
-batch, as a check.
+each kernel's registers and local memory a thread (local memory: the registers spilled). In
+Numba's CUDA simulator it runs once, on a tiny batch, as a check.
 """
 
 from __future__ import annotations
 
-import re
 import sys
-from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -40,7 +36,7 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
     print(f"  launch: {pick}")
     a = gpu.attention_inputs(shape, seed=5)
     attention_v6.launch_v6(a)
-    print(f"  default: {_compiled(shape, attention_v6.TUNING, pick)}")
+    print(f"  default: {_registers(shape, attention_v6.TUNING, pick)}")
     want = a.out.copy_to_host().astype(np.float32)
     names = ["default"]
     launches = [lambda: attention_v6.launch_v6(a)]
@@ -50,8 +46,8 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
         attention_v6.launch_v6(a, *launch, tuning=tuning)
         diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
-        compiled = _compiled(shape, tuning, launch if launch[0] else pick)
-        print(f"  {'+'.join(items):24s} |diff| from the default's {diff:.1e}; {compiled}",
+        registers = _registers(shape, tuning, launch if launch[0] else pick)
+        print(f"  {'+'.join(items):24s} |diff| from the default's {diff:.1e}; {registers}",
               flush=True)  # fmt: skip
         names.append("+".join(items))
         launches.append(lambda t=tuning, n=launch: attention_v6.launch_v6(a, *n, tuning=t))
@@ -73,33 +69,17 @@ def run(shape: gpu.AttentionShape, variants: list[tuple[str, ...]], rounds: int,
         print(f"  {name:24s} against the default {vs_default}; SDPA {vs_sdpa}", flush=True)
 
 
-def _compiled(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: Sequence[int]) -> str:
-    """Registers and local memory a thread, and the cache-control instructions, of the kernel
-    ``launch_v6`` ran for ``shape`` with ``tuning`` (sorted, as ``launch_v6`` passes it) at
-    ``launch``, its ``(partition, warps, heads)``."""
+def _registers(shape: gpu.AttentionShape, tuning: tuple[str, ...], launch: Sequence[int]) -> str:
+    """Registers and local memory a thread of the kernel ``launch_v6`` ran for ``shape`` with
+    ``tuning`` (sorted, as ``launch_v6`` passes it) at ``launch``, its ``(partition, warps,
+    heads)``."""
     _, warps, heads = launch
     kernel = attention_v6.make_kernel(
         shape.heads // shape.kv_heads, shape.head_dim, shape.block_size, warps, 0, "", heads,
         tuning,
     )  # fmt: skip
-    registers = ", ".join(f"{c.regs_per_thread} registers, {c.local_mem_per_thread} bytes of "
-                          "local memory a thread" for c in kernel.overloads.values())  # fmt: skip
-    return "; ".join(x for x in (registers, _prefetches(kernel)) if x)  # (no registers: simulated)
-
-
-def _prefetches(kernel: Any) -> str:
-    """The kernel's cache-control instructions by name (``CCTL``: what ``prefetch.global.L1``
-    becomes in machine code, ``...PF1`` for L1), so that a prefetch that changed nothing can
-    be told from one compiled away; needs ``nvdisasm``."""
-    try:
-        sass = kernel.inspect_sass()
-    except Exception as e:  # noqa: BLE001  (the simulator has no SASS; nvdisasm may be missing)
-        return f"SASS not read ({type(e).__name__})"
-    text = "\n".join(sass.values()) if isinstance(sass, dict) else str(sass)
-    found = Counter(re.findall(r"\bCCTL[.\w]*", text))
-    return "cache-control instructions: " + (
-        ", ".join(f"{n} {k}" for k, n in found.items()) or "none"
-    )
+    return ", ".join(f"{c.regs_per_thread} registers, {c.local_mem_per_thread} bytes of local "
+                     "memory a thread" for c in kernel.overloads.values())  # fmt: skip
 
 
 def main() -> None:
@@ -113,9 +93,9 @@ def main() -> None:
             rounds = int(arg.partition("=")[2])
         else:
             batches.append(arg)
-    unknown = {c for v in variants for c in v if "/" not in c} - set(attention_v6.CHOICES)
+    unknown = {c for v in variants for c in v if "/" not in c} - set(attention_v6.TUNING)
     if unknown:
-        sys.exit(f"unknown choices {sorted(unknown)}; known: {attention_v6.CHOICES}")
+        sys.exit(f"unknown choices {sorted(unknown)}; known: {attention_v6.TUNING}")
     timing = gpu.Timing(0, 1, 1) if gpu.SIMULATED else gpu.Timing()  # the simulator: a check
     print(gpu.device_name(), flush=True)
     for name in batches or ["64x4096/8", "32x8192/8", "64x4096/32"]:

@@ -73,20 +73,6 @@ def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
     close(a.result(), expected(args), np.float16)
 
 
-def test_v6_l1_prefetch_matches_reference() -> None:
-    """Tiles asked for in L1 4 tiles ahead of their loads (``l1ahead4``: some before the loop
-    and the rest in it; rows of two lines; runs shorter than that and longer; ``l1ahead2``
-    and ``l1ahead3`` are the same code with another distance), beside the default choices:
-    the same attention, and every line asked for exists (the simulator reads its first
-    word)."""
-    rng = np.random.default_rng(2)
-    args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 128, 16), 0.125)
-    a = attention.prepare_attention(*args)
-    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-    attention_v6.launch_v6(a, 192, 2, 2, tuning=(*attention_v6.TUNING, "l1ahead4"))
-    close(a.result(), expected(args), np.float16)
-
-
 def test_v6_refuses_an_unknown_tuning_choice() -> None:
     rng = np.random.default_rng(1)
     a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))

@@ -82,8 +82,6 @@ SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
-AHEAD = ("l1ahead2", "l1ahead3", "l1ahead4")  # make_walk's L1 prefetch, tiles ahead: to time
-CHOICES = (*TUNING, *AHEAD)
 
 
 if config.ENABLE_CUDASIM:
@@ -130,11 +128,6 @@ if config.ENABLE_CUDASIM:
     @cuda.jit(device=True)
     def _run_barrier(barrier, threads):
         """Simulator: nothing (the warps of a run group keeping pace changes no result)."""
-
-    @cuda.jit(device=True)
-    def _prefetch_l1(words, at):
-        """Simulator: nothing, but the word asked for must exist (an IndexError if not)."""
-        return words[at]
 
 else:
     from llvmlite import ir
@@ -187,21 +180,6 @@ else:
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
             fn = ir.FunctionType(ir.VoidType(), [_I32, _I32])
             builder.asm(fn, "bar.sync $0, $1;", "r,r", list(args), True)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _prefetch_l1(typingctx, words, at):  # noqa: ANN001, ANN202
-        """``prefetch.global.L1``: ask for the 128-byte line holding ``words[at]`` in this SM's
-        L1 cache; no register waits for it."""
-        sig = types.void(words, types.int64)
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            data = context.make_array(sig.args[0])(context, builder, args[0]).data
-            addr = builder.ptrtoint(builder.gep(data, [args[1]]), ir.IntType(64))
-            fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
-            builder.asm(fn, "prefetch.global.L1 [$0];", "l", [addr], True)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -448,30 +426,6 @@ def make_load_tile(head_dim: int, block_size: int, load: Any, unmasked: bool = F
 
 
 @functools.cache
-def make_prefetch_tile(head_dim: int, block_size: int) -> Any:
-    """The device function that asks for one tile of a run in L1 ahead of its loads (the
-    ``l1ahead`` tuning choices): lane ``l`` asks for the lines of the kv head's K row (lanes 0
-    to 15) or V row (16 to 31) of token ``t0 + l % 16``, if the tile starts before ``end``
-    (a tile lies in one block of the cache, so its rows past ``end`` exist too)."""
-    shift = block_size.bit_length() - 1
-    lines = head_dim // 64  # 128-byte lines of a row of float16 values
-    line_words = 32
-
-    @cuda.jit(device=True, **INLINE)
-    def prefetch_tile(key_words, value_words, ids, t0, start, end, base, head, lane):
-        if t0 < end:
-            tok = t0 + (lane & (TILE - 1))
-            at = ((ids[(t0 - start) >> shift] << shift) + (tok & (block_size - 1))) * base + head
-            for i in range(lines):
-                if lane < TILE:
-                    _prefetch_l1(key_words, at + i * line_words)
-                else:
-                    _prefetch_l1(value_words, at + i * line_words)
-
-    return prefetch_tile
-
-
-@functools.cache
 def make_walk(
     group: int, head_dim: int, block_size: int, load: Any, tuning: tuple[str, ...] = (),
     heads: int = 1,
@@ -496,8 +450,6 @@ def make_walk(
     consume = make_consume(group, head_dim, "lazy" in tuning)
     lockstep = "lockstep" in tuning and heads > 1
     run_threads = heads * WARP
-    ahead = max((int(x.removeprefix("l1ahead")) for x in tuning if x in AHEAD), default=0)
-    prefetch_tile = make_prefetch_tile(head_dim, block_size)
 
     @cuda.jit(device=True, **INLINE)
     def walk(
@@ -513,19 +465,9 @@ def make_walk(
         top = NEG_INF
         total = float32(0.0)
         load_tile(k_even, v_even, key_words, value_words, ids, start, start, end, base, head, g, t)
-        if ahead:
-            for i in range(2, ahead):  # the tiles before the loop's first ones
-                prefetch_tile(
-                    key_words, value_words, ids, start + i * TILE, start, end, base, head, lane
-                )
         for t0 in range(start, end, 2 * TILE):  # an even tile, then an odd one
             if lockstep:
                 _run_barrier(int32(1 + cuda.threadIdx.x // run_threads), int32(run_threads))
-            if ahead:
-                for i in range(ahead, ahead + 2):
-                    prefetch_tile(
-                        key_words, value_words, ids, t0 + i * TILE, start, end, base, head, lane
-                    )
             t1 = t0 + TILE
             if t1 < end:
                 load_tile(
@@ -857,9 +799,9 @@ def launch_v6(
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
     heads = v.check_int("heads", heads, 1, MAX_WARPS)
-    unknown = set(tuning) - set(CHOICES)
+    unknown = set(tuning) - set(TUNING)
     if unknown:
-        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {CHOICES}")
+        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {TUNING}")
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
         heads,
