@@ -137,7 +137,7 @@ def make_kernel(
     shift = block_size.bit_length() - 1
     runs = warps // heads
     load_query = v6.make_load_query(group, head_dim)
-    walk = v6.make_walk(group, head_dim, block_size, _load16, v6.TUNING, heads)
+    walk = v6.make_walk(group, head_dim, block_size, _load16)
     write_run = v6.make_write_run(group, head_dim, False)
     merge_if_last = make_merge_pieces(group, head_dim)
 
