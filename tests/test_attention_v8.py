@@ -93,7 +93,7 @@ def test_v8_matches_reference(case: tuple) -> None:
 def test_warps_over_two_kv_heads_match_reference() -> None:
     """Blocks of 4 warps over 2 kv heads, whose runs cross sequences (4 runs over 8 blocks of
     the cache, sequences of 3 and 5): the two warps of each run walk the same segments, as a
-    barrier between them (version 6's ``lockstep``) would need."""
+    barrier between them (version 6's ``lockstep``, one a pair of tiles) needs."""
     rng = np.random.default_rng(6)
     args = (*nan_past_end_args(rng, [40, 70], 4, 2, 64, 16), 0.125)
     out = paged_attention_v8(*args, 4, 2, 2, out=np.full_like(args[0], np.nan))

@@ -33,10 +33,12 @@ and the last warp of a pair merges them, a few loads deep.
 What it showed on an H100 (docs/benchmarks.md): the idle SMs were not version 6's problem.
 Given 66 sequences, which fill all 132 SMs, version 6 took 2.9% longer for 3.1% more work;
 the memory system sets its pace. Where version 8 helps is a batch of mixed lengths, where
-version 6's warps of short sequences wait for the long ones: 1.9 to 2.1% faster there. On
-equal lengths it is slower (9 to 10% for 32/8, level for 32/32): version 6 takes all 255
-registers a thread, and whatever version 8 holds through a walk on top of it, ptxas spills
-(48 to 128 bytes a thread), with the run's segments read from global memory or from shared.
+version 6's warps of short sequences wait for the long ones: 3.1 to 3.9% faster there with
+version 6's three tuning choices in its walk (1.9 to 2.1% without). On equal lengths it is
+slower (5.5 to 6.1% for 32/8, 0.4 to 0.7% for 32/32): version 6 takes all 255 registers a
+thread, and whatever version 8 holds through a walk on top of it, ptxas spills (104 bytes a
+thread for 32/8 with the choices, 48 to 128 without), with the run's segments read from
+global memory or from shared.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def make_kernel(
     shift = block_size.bit_length() - 1
     runs = warps // heads
     load_query = v6.make_load_query(group, head_dim)
-    walk = v6.make_walk(group, head_dim, block_size, _load16)
+    walk = v6.make_walk(group, head_dim, block_size, _load16, v6.TUNING, heads)
     write_run = v6.make_write_run(group, head_dim, False)
     merge_if_last = make_merge_pieces(group, head_dim)
 
@@ -165,7 +167,8 @@ def make_kernel(
         them. So nothing of a segment but its bounds is held in a register while its tokens
         are walked: the warp copies its run's segments to shared memory first, and reads a
         segment's sequence, piece and pieces there again after the walk. (ptxas still spills
-        48 to 128 bytes a thread on an H100, as it did with them held: docs/benchmarks.md.)"""
+        on an H100 for 32/8, 104 bytes a thread, as it did with them held: docs/benchmarks.md.)
+        The walk makes version 6's three tuning choices, as ``launch_v6`` does."""
         lane = cuda.threadIdx.x % WARP
         warp = cuda.threadIdx.x // WARP
         kv_head = cuda.blockIdx.x * heads + warp % heads
