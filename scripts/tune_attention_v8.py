@@ -6,7 +6,10 @@ beside SDPA and version 6 as ``paged_attention`` launches it, all in one run.
 ``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8``; by default every benchmark batch of at
 least 64 x 4096 tokens, then ``66x4096/8`` (version 6's grid fills all 132 SMs of an H100
 there: does its time grow with the batch, or stay?) and ``mixed`` (64 sequences of 1 to 8,192
-tokens, 4,096 on average, as a server's batch is: no SDPA on a contiguous cache for that).
+tokens, 4,096 on average, as a server's batch is: no SDPA on a contiguous cache for that);
+``mixed/F`` draws the lengths from ``(1 - F) * 4096`` to ``(1 + F) * 4096`` instead (``F``
+from 0 to 1; ``mixed`` is ``mixed/1``), to find where the spread of lengths starts to favour
+version 8.
 For each batch: SDPA on a contiguous cache, version 6 (``choose_launch``'s pick), then version
 8 with each launch of ``LAUNCHES``, each checked against version 2's output. Every figure is
 ``minipaged bench``'s median of CUDA-event timings, with its share of the copy bandwidth
@@ -46,20 +49,27 @@ def main() -> None:
         if wanted and name not in wanted:
             continue
         tune(shape, gpu.attention_inputs(shape, seed=100 + i), copy, timing)
-    if not wanted or "mixed" in wanted:
+    spreads = [float(w.partition("/")[2] or 1) for w in wanted if w.startswith("mixed")]
+    for spread in spreads if wanted else [1.0]:
         shape = gpu.AttentionShape(64, 4096)
-        tune(shape, mixed_inputs(shape, seed=7), copy, timing, sdpa=False)
+        tune(shape, mixed_inputs(shape, seed=7, spread=spread), copy, timing, sdpa=False)
     for key, kernel in _compiled():
         for compiled in kernel.overloads.values():
             print(f"v8 {key}: {compiled.regs_per_thread} registers, "
                   f"{compiled.local_mem_per_thread} bytes of local memory")  # fmt: skip
 
 
-def mixed_inputs(shape: gpu.AttentionShape, seed: int) -> attention.AttentionArgs:
-    """``shape.seqs`` sequences of 1 to ``2 * shape.context`` tokens (uniform), on shuffled
-    blocks."""
+def mixed_inputs(
+    shape: gpu.AttentionShape, seed: int, spread: float = 1.0
+) -> attention.AttentionArgs:
+    """``shape.seqs`` sequences of ``(1 - spread) * shape.context`` (at least 1) to ``(1 +
+    spread) * shape.context`` tokens (uniform), on shuffled blocks."""
+    if not 0 <= spread <= 1:
+        sys.exit(f"mixed/{spread}: the spread must be from 0 to 1")
     rng = np.random.default_rng(seed)
-    lens = rng.integers(1, 2 * shape.context + 1, shape.seqs).astype(np.int32)
+    low = max(1, round((1 - spread) * shape.context))
+    lens = rng.integers(low, round((1 + spread) * shape.context) + 1, shape.seqs)
+    lens = lens.astype(np.int32)
     per_seq = -(-2 * shape.context // shape.block_size)
     num_blocks = shape.seqs * per_seq
     cache_shape = (num_blocks, shape.block_size, shape.kv_heads, shape.head_dim)
@@ -99,8 +109,9 @@ def tune(
     if sdpa:
         sdpa_ms = _sdpa(shape, copy, timing, 34)
     else:
-        print(f"{shape.seqs} sequences of 1 to {2 * shape.context} tokens "
-              f"({int(a.host_seq_lens.sum())} in all), {shape.heads}/{shape.kv_heads}")  # fmt: skip
+        lens = a.host_seq_lens
+        print(f"{shape.seqs} sequences of {lens.min()} to {lens.max()} tokens "
+              f"({int(lens.sum())} in all), {shape.heads}/{shape.kv_heads}")  # fmt: skip
         sdpa_ms = None
     pick = attention_v6.choose_launch(shape.seqs, shape.kv_heads, a.max_seq_len, 16)
     best = ("v6", report(f"v6 {pick}", lambda: attention_v6.launch_v6(a)))
