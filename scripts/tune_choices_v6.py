@@ -3,7 +3,8 @@ batches where the goal is SDPA's speed.
 
     python3 scripts/tune_choices_v6.py [--choices=a,b+c,...] [--rounds=N] [batch ...]
 
-``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (default: 64 x 4096 with 8 kv heads and
+``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (32 query heads), or
+``SEQSxCONTEXT/HEADS:KV`` such as ``64x4096/8:8`` (default: 64 x 4096 with 8 kv heads and
 with 32, and 32 x 8192 with 8). ``--choices``: the variants (default: none, only SDPA and the
 default launch), each one or more items joined by ``+``: tuning choices of
 ``attention_v6.TUNING`` (added to the default ones, which are all of them: only a choice being

@@ -30,10 +30,11 @@ def test_device_random_fills_every_element_with_values_in_range() -> None:
     assert not np.array_equal(a, b)
 
 
-def test_batch_shape_reads_seqs_context_and_kv_heads() -> None:
+def test_batch_shape_reads_seqs_context_and_heads() -> None:
     assert gpu.batch_shape("64x4096/8") == gpu.AttentionShape(64, 4096, 32, 8)
     assert gpu.batch_shape("1x32768/32").kv_heads == 32
-    for bad in ("64x4096", "64/8", "ax4096/8", "64x4096/8/1"):
+    assert gpu.batch_shape("64x4096/8:8") == gpu.AttentionShape(64, 4096, 8, 8)
+    for bad in ("64x4096", "64/8", "ax4096/8", "64x4096/8/1", "64x4096/a:8", "64x4096/8:8:8"):
         with pytest.raises(ValueError, match="SEQSxCONTEXT/KV"):
             gpu.batch_shape(bad)
 

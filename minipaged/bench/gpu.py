@@ -396,13 +396,17 @@ HEADS = ((32, 8), (32, 32))  # (query heads, kv heads): grouped-query and multi-
 
 def batch_shape(name: str) -> AttentionShape:
     """The decode batch ``SEQSxCONTEXT/KV`` names, such as ``64x4096/8``: 32 query heads over
-    ``KV`` kv heads, the benchmark's other sizes (the probe and tuning scripts' batches)."""
+    ``KV`` kv heads, the benchmark's other sizes (the probe and tuning scripts' batches);
+    ``SEQSxCONTEXT/HEADS:KV``, such as ``64x4096/8:8``, names the query heads too."""
     try:
         seqs_context, kv = name.split("/")
         seqs, context = map(int, seqs_context.split("x"))
-        return AttentionShape(seqs, context, 32, int(kv))
+        heads, _, kv = kv.rpartition(":")
+        return AttentionShape(seqs, context, int(heads or 32), int(kv))
     except ValueError:
-        raise ValueError(f"a batch is SEQSxCONTEXT/KV, such as 64x4096/8, not {name!r}") from None
+        raise ValueError(
+            f"a batch is SEQSxCONTEXT/KV or SEQSxCONTEXT/HEADS:KV, such as 64x4096/8, not {name!r}"
+        ) from None
 
 
 def attention_shapes(quick: bool = False) -> list[AttentionShape]:
