@@ -73,6 +73,24 @@ def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
     close(a.result(), expected(args), np.float16)
 
 
+@pytest.mark.parametrize(
+    ("group", "warps", "heads", "weights"), [(3, 4, 2, True), (1, 4, 1, False)]
+)
+def test_v6_combines_runs_either_way(group: int, warps: int, heads: int, weights: bool) -> None:
+    """A block's runs combined with their weights worked out once a head, where a thread has
+    several outputs to combine, and one output at a time where it has one: the same attention,
+    in partitions of 64 tokens (some runs past a sequence's end, a merge after) and of 192 (the
+    output written by the block)."""
+    assert attention_v6.combines_with_weights(group, 64, warps, heads) == weights
+    rng = np.random.default_rng(2)
+    args = (*nan_past_end_args(rng, [130, 7], group, 2, 64, 16), 0.125)
+    a = attention.prepare_attention(*args)
+    for partition in (64, 192):
+        a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+        attention_v6.launch_v6(a, partition, warps, heads)
+        close(a.result(), expected(args), np.float16)
+
+
 def test_v6_refuses_an_unknown_tuning_choice() -> None:
     rng = np.random.default_rng(1)
     a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))

@@ -45,7 +45,9 @@ registers a thread an SM runs 8 warps, and forcing more makes the compiler spill
 docs/benchmarks.md). A thread block is ``warps`` warps over ``heads`` neighbouring kv heads
 (so that its warps read neighbouring rows of the cache at once); each walks its own run of
 its kv head's partition and the runs of a kv head are combined in shared memory at the end,
-as version 5 does; sequences of several partitions then go through version 5's merge kernel.
+as version 5 does (or, where a thread has several outputs to combine, with the runs' weights
+worked out once a head: ``make_combine_runs``); sequences of several partitions then go
+through version 5's merge kernel.
 
 Slots of the last block past the sequence's end may hold NaN: their K rows are not loaded
 (their logits are set to minus infinity) and their V rows are loaded as zeros, so that a zero
@@ -353,12 +355,14 @@ def make_consume(group: int, head_dim: int, lazy: bool = False) -> Any:
 
 
 @functools.cache
-def make_write_run(group: int, head_dim: int, several: bool) -> Any:
+def make_write_run(group: int, head_dim: int, several: bool, weighed: bool = False) -> Any:
     """The device function that ends a warp's run: its exp sums added up over each row group's
     4 lanes, then its output (the sums divided out), maxima and sums written where they go:
     with ``several`` runs a kv head, into the warp's slot ``run`` as ``[output (head-major) |
     maxima | sums]`` for ``combine_warps``; else, for a sequence of one partition (``alone``),
-    the output itself, or the partition's partial result (versions 6 and 7 share it)."""
+    the output itself, or the partition's partial result (versions 6 and 7 share it).
+    ``weighed`` (with ``several``): the output is left as its sums, not divided, for
+    ``make_combine_runs``, which weighs all runs alike."""
     tiles_m = head_dim // 16
     outputs = group * head_dim
 
@@ -380,7 +384,7 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
                 head = 2 * t + (i & 1)
                 if head < group:
                     dim = PIECE * (g + 8 * u) + 2 * w + (i >> 1)
-                    x = acc[4 * j + i] / sums[i & 1]
+                    x = acc[4 * j + i] if several and weighed else acc[4 * j + i] / sums[i & 1]
                     if several:
                         run[head * head_dim + dim] = x
                     elif alone:
@@ -399,6 +403,83 @@ def make_write_run(group: int, head_dim: int, several: bool) -> Any:
                         exp_sums[seq, kv_head * group + head, part] = sums[i]
 
     return write_run
+
+
+def combines_with_weights(group: int, head_dim: int, warps: int, heads: int) -> bool:
+    """Whether a block of ``warps`` warps over ``heads`` kv heads combines its runs with
+    ``make_combine_runs`` (else ``v5.make_combine_warps``): where a kv head has several runs
+    and a thread has more than one output to combine.
+
+    Why: a block's combine comes after its slowest warp, so its latency is the kernel's.
+    Measured on an H100 (docs/benchmarks.md), ``make_combine_runs`` took 0.2 to 0.5% off
+    version 6's time with 4 to 16 outputs a thread (32 or 64 query heads over 8 kv heads), 0.1%
+    with 2 (8 over 8); with one or none (32 over 32, blocks of 8 warps over one kv head) its
+    second barrier, and the one thread that works out all 8 runs' weights, made it 0.1%
+    slower."""
+    return warps > heads and heads * group * head_dim > warps * WARP
+
+
+@functools.cache
+def make_combine_runs(group: int, head_dim: int, warps: int, heads: int) -> Any:
+    """The device function that combines the runs of a block's ``warps`` warps over ``heads``
+    kv heads (warp ``w`` walked a run of kv head ``w % heads``), as ``v5.make_combine_warps``'
+    does, from runs that ``make_write_run(..., weighed=True)`` left undivided.
+
+    Each output of a (kv head, query head) is its runs' sums weighed alike: run ``r`` by
+    ``exp(m_r - M) / L`` (``M`` the runs' largest maximum, ``L`` the sum of their exp sums
+    ``l_r exp(m_r - M)``). ``combine_warps`` works them out again for each of the head's
+    ``head_dim`` outputs, with a division each, after each run divided its own outputs by its
+    exp sum; here one thread a head works them out once, into the slots of the maxima, and
+    after a barrier every output is a few multiply-adds (``combines_with_weights`` says
+    where that is faster)."""
+    threads = warps * WARP
+    runs = warps // heads
+    outputs = group * head_dim
+    rounds = -(-heads * outputs // threads)  # outputs a thread, at most (a constant)
+
+    @cuda.jit(device=True, **INLINE)
+    def combine_runs(out, partial_out, max_logits, exp_sums, slots, stride, seq, kv_head, part,
+                     alone):  # fmt: skip
+        """After a barrier: warp ``w``'s run at ``slots[w * stride:]`` as ``[sums (head-major)
+        | maxima | exp sums]``; writes what ``combine_warps`` writes (a run past the
+        sequence's end left maximum minus infinity: weight 0)."""
+        i = cuda.threadIdx.x
+        if i < heads * group:
+            k = i // group  # the block's kv head k, query head h
+            h = i - k * group
+            top = NEG_INF
+            for r in range(runs):
+                top = max(top, slots[(r * heads + k) * stride + outputs + h])
+            total = float32(0.0)
+            for r in range(runs):
+                at = (r * heads + k) * stride + outputs + h
+                e = math.exp(slots[at] - top)
+                slots[at] = e
+                total += slots[at + group] * e
+            inverse = float32(1.0) / total
+            for r in range(runs):
+                slots[(r * heads + k) * stride + outputs + h] *= inverse
+            if not alone:
+                max_logits[seq, (kv_head + k) * group + h, part] = top
+                exp_sums[seq, (kv_head + k) * group + h, part] = total
+        cuda.syncthreads()
+        for n in range(rounds):
+            o = i + n * threads
+            if o < heads * outputs:
+                k = o // outputs
+                rest = o - k * outputs  # query head h's dimension d, head-major
+                h = rest // head_dim
+                d = rest - h * head_dim
+                x = float32(0.0)
+                for r in range(runs):
+                    at = (r * heads + k) * stride
+                    x += slots[at + outputs + h] * slots[at + rest]
+                if alone:
+                    out[seq, (kv_head + k) * group + h, d] = x
+                else:
+                    partial_out[seq, (kv_head + k) * group + h, part, d] = x
+
+    return combine_runs
 
 
 @functools.cache
@@ -525,9 +606,13 @@ def make_kernel(
     outputs = group * head_dim
     slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
-    combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
+    weights = combines_with_weights(group, head_dim, warps, heads)
+    if weights:
+        combine_warps = make_combine_runs(group, head_dim, warps, heads)
+    else:
+        combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
     load_query = make_load_query(group, head_dim)
-    write_run = make_write_run(group, head_dim, runs > 1)
+    write_run = make_write_run(group, head_dim, runs > 1, weights)
     walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
