@@ -6,8 +6,9 @@
 at ``choose_launch``'s launch or the one named after ``@``, with all of ``make_walk``'s tuning
 choices, as ``launch_v6`` makes it. For each, writes the kernel's SASS (``nvdisasm``'s, through
 Numba) to ``DIR/<batch>.sass`` and prints its registers and local memory a thread, its
-instructions in all and those of its longest loop (the walk's: from the last branch backwards
-to its target), by opcode. Needs a GPU and ``nvdisasm`` on the path.
+instructions in all and those of the walk's loop (the longest that holds tensor-core products,
+``HMMA``: from a branch backwards to its target), by opcode. Needs a GPU and ``nvdisasm`` on
+the path.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def instructions(sass: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def longest_loop(code: list[tuple[int, str, str]]) -> list[str]:
-    """The opcodes between a backward branch and its target label, for the longest such."""
+def walk_loop(code: list[tuple[int, str, str]]) -> list[str]:
+    """The opcodes between a backward branch and its target label, for the longest such that
+    holds an ``HMMA`` (a block's combine of its runs is a loop too, and may be longer)."""
     where = {}
     for i, (_, op, _) in enumerate(code):
         if op.startswith("LABEL "):
@@ -52,7 +54,9 @@ def longest_loop(code: list[tuple[int, str, str]]) -> list[str]:
             m = re.search(r"\(\.L_x_\d+\)", line)
             target = m and where.get(m.group(0)[1:-1])
             if target is not None and target < i and i - target > len(best):
-                best = [o for _, o, _ in code[target : i + 1] if not o.startswith("LABEL ")]
+                loop = [o for _, o, _ in code[target : i + 1] if not o.startswith("LABEL ")]
+                if any(o.startswith("HMMA") for o in loop):
+                    best = loop
     return best
 
 
@@ -75,11 +79,11 @@ def main() -> None:
         path = out_dir / (item.replace("/", "_").replace(":", "-").replace("@", "_at_") + ".sass")
         path.write_text(sass)
         code = instructions(sass)
-        loop = longest_loop(code)
+        loop = walk_loop(code)
         print(f"{item}: launch {(partition, warps, heads)}, {compiled.regs_per_thread} registers, "
               f"{compiled.local_mem_per_thread} bytes of local memory a thread; "
               f"{sum(1 for _, o, _ in code if not o.startswith('LABEL '))} instructions, "
-              f"longest loop {len(loop)}", flush=True)  # fmt: skip
+              f"the walk's loop {len(loop)}", flush=True)  # fmt: skip
         counts = collections.Counter(op.split(".")[0] for op in loop)
         print("  loop: " + ", ".join(f"{op} {n}" for op, n in counts.most_common()), flush=True)
 
