@@ -150,12 +150,7 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
     swap_words = attention_v6.SWAP
     outputs = group * head_dim
     slot = outputs + 2 * group  # a warp's run for combine_warps, as version 6's
-    weights = attention_v6.combines_with_weights(group, head_dim, warps, heads)  # as version 6
-    write_run = attention_v6.make_write_run(group, head_dim, runs > 1, weights)
-    if weights:
-        combine_warps = attention_v6.make_combine_runs(group, head_dim, warps, heads)
-    else:
-        combine_warps = attention_v5.make_combine_warps(group, head_dim, warps, heads)
+    write_run, combine_warps = attention_v6.make_end(group, head_dim, warps, heads)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": warps * WARP}))
     def kernel(stamps, sink, out, partial_out, max_logits, exp_sums, query_words, key_words,

@@ -482,6 +482,19 @@ def make_combine_runs(group: int, head_dim: int, warps: int, heads: int) -> Any:
     return combine_runs
 
 
+def make_end(group: int, head_dim: int, warps: int, heads: int) -> tuple[Any, Any]:
+    """``(write_run, combine_warps)``: the device functions that end a warp's run and combine a
+    block's runs, ``make_combine_runs`` with runs left undivided where
+    ``combines_with_weights``, else ``v5.make_combine_warps`` with runs divided by their own
+    exp sums (version 6's kernel and ``scripts/probe_tail.py`` share them)."""
+    weights = combines_with_weights(group, head_dim, warps, heads)
+    if weights:
+        combine = make_combine_runs(group, head_dim, warps, heads)
+    else:
+        combine = v5.make_combine_warps(group, head_dim, warps, heads)
+    return make_write_run(group, head_dim, warps > heads, weights), combine
+
+
 @functools.cache
 def make_load_tile(head_dim: int, block_size: int, load: Any, unmasked: bool = False) -> Any:
     """The device function that starts the loads of one tile of a run: ``read_tile``'s pieces
@@ -606,13 +619,8 @@ def make_kernel(
     outputs = group * head_dim
     slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
-    weights = combines_with_weights(group, head_dim, warps, heads)
-    if weights:
-        combine_warps = make_combine_runs(group, head_dim, warps, heads)
-    else:
-        combine_warps = v5.make_combine_warps(group, head_dim, warps, heads)
+    write_run, combine_warps = make_end(group, head_dim, warps, heads)
     load_query = make_load_query(group, head_dim)
-    write_run = make_write_run(group, head_dim, runs > 1, weights)
     walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
