@@ -67,7 +67,9 @@ def main() -> None:
         name, _, launch = item.partition("@")
         shape = gpu.batch_shape(name)
         a = gpu.attention_inputs(gpu.AttentionShape(2, 64, shape.heads, shape.kv_heads), seed=1)
-        pick = attention_v6.choose_launch(shape.seqs, shape.kv_heads, shape.context, 16)
+        pick = attention_v6.choose_launch(
+            shape.seqs, shape.kv_heads, shape.context, shape.block_size
+        )
         partition, warps, heads = (int(x) for x in launch.split("/")) if launch else pick
         attention_v6.launch_v6(a, partition, warps, heads)  # compiles the kernel for the launch
         kernel = attention_v6.make_kernel(
