@@ -15,8 +15,11 @@ and when it has walked its run, and the SM it ran on, in kernels that are versio
 
 - ``v6``: version 6's walk as ``launch_v6`` makes it (all of ``make_walk``'s tuning
   choices), without the kernel's last step (``write_run`` and ``combine_warps``);
-- ``v6+end``: the same, then that last step, stamped again when the warp has done its part
-  of it: the whole of version 6's kernel, its output compared with ``launch_v6``'s;
+- ``v6+end``: the same, then that last step, stamped again when the warp has written its
+  run, when its block has met at the barrier before the combine, and when the warp has done
+  its part of the combine: the whole of version 6's kernel, its output compared with
+  ``launch_v6``'s (``v6+end+padded``, not run by default: with the tuning choice
+  ``"padded"``);
 - ``loads``: its loads alone, the same loads in the same order into the same two sets of
   registers, each tile only XORed into one word (``probe_walk.make_fold``);
 - ``loads+128``: the loads alone with a chain of 128 dependent integer multiply-adds after
@@ -27,7 +30,8 @@ beside SDPA and ``launch_v6``, and from the timer of one launch: the span from t
 warp's start to the last one's end, when the warps started and ended (quantiles, in us from
 the first start), how long each warp took, how far apart the warps of one block and the last
 warps of each SM ended, the share of the span the warp places were busy, and for ``v6+end``
-how long the last step took. In Numba's CUDA simulator the timer reads 0: it runs there (a
+how long the last step and each of its parts took, and a block's last step after its last
+walk. In Numba's CUDA simulator the timer reads 0: it runs there (a
 tiny batch) to check the kernels only.
 """
 
@@ -129,12 +133,14 @@ def loads_walk(head_dim: int, block_size: int, delay: int) -> Any:
 def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads: int,
                    kind: str) -> Any:  # fmt: skip
     """Version 6's partition kernel up to the end of its walk (``kind``: one of ``KINDS``),
-    each warp writing ``[start, end, sm, done]`` to ``stamps[warp]`` and each lane the sum of
-    what it holds to ``sink`` (so that nothing is left out as unused); for ``v6+end`` then on
-    to the end of version 6's kernel, its output in ``out``, ``done`` when the warp has done
-    its part of it (``end`` for the others)."""
+    each warp writing ``[start, end, sm, wrote, met, done]`` to ``stamps[warp]`` and each
+    lane the sum of what it holds to ``sink`` (so that nothing is left out as unused); for
+    ``v6+end`` then on to the end of version 6's kernel, its output in ``out``: ``wrote`` when
+    the warp has written its run (``write_run``), ``met`` when the block's warps have met at
+    the barrier before the combine, ``done`` when the warp has done its part of the combine
+    (all three ``end`` for the others)."""
     load = attention_v6._make_load16("")
-    ending = kind == "v6+end"
+    ending = kind.startswith("v6+end")
     if kind.startswith("v6"):
         walk = attention_v6.make_walk(group, head_dim, block_size, load, attention_v6.TUNING,
                                       heads)  # fmt: skip
@@ -148,9 +154,11 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
     runs = warps // heads
     load_query = attention_v6.make_load_query(group, head_dim)
     swap_words = attention_v6.SWAP
-    outputs = group * head_dim
-    slot = outputs + 2 * group  # a warp's run for combine_warps, as version 6's
-    write_run, combine_warps = attention_v6.make_end(group, head_dim, warps, heads)
+    # a warp's run for combine_warps, as version 6's, its maxima from ``tops`` on
+    write_run, combine_warps, slot = attention_v6.make_end(
+        group, head_dim, warps, heads, kind == "v6+end+padded"
+    )
+    tops = slot - 2 * group
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": warps * WARP}))
     def kernel(stamps, sink, out, partial_out, max_logits, exp_sums, query_words, key_words,
@@ -179,6 +187,7 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
         run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
         x = float32(0.0)
         ended = began
+        wrote = began
         if start < seq_len:
             attention_v6.fetch_ids(ids, block_tables[seq], start, end, shift, lane)
             g = lane >> 2
@@ -205,13 +214,17 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
                     out, partial_out, max_logits, exp_sums, acc, top, total, run, seq, kv_head,
                     part, alone, lane, swap,
                 )  # fmt: skip
+            wrote = _now()
         else:
             ended = _now()
             if ending and runs > 1:
                 for i in range(lane, slot, WARP):
-                    run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
+                    run[i] = NEG_INF if tops <= i < tops + group else float32(0.0)
+            wrote = _now()
+        met = wrote
         if ending and runs > 1:
             cuda.syncthreads()
+            met = _now()
             combine_warps(
                 out, partial_out, max_logits, exp_sums, smem[runs_at:], slot, seq,
                 cuda.blockIdx.x * heads, part, alone,
@@ -221,7 +234,9 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
             stamps[at, 0] = began
             stamps[at, 1] = ended
             stamps[at, 2] = uint64(_sm())
-            stamps[at, 3] = _now() if ending else ended
+            stamps[at, 3] = wrote if ending else ended
+            stamps[at, 4] = met if ending else ended
+            stamps[at, 5] = _now() if ending else ended
 
     return kernel
 
@@ -252,10 +267,16 @@ def report(stamps: np.ndarray, warps: int, ran: np.ndarray) -> None:
     mean_end = ended[ran].mean()
     print(f"    warp places busy {100 * busy:.1f}% of the span; mean end {mean_end:.1f} us, "
           f"{span - mean_end:.1f} us before the last")  # fmt: skip
-    done = (stamps[:, 3].astype(np.float64) - zero) / 1e3
+    wrote, met, done = ((stamps[:, i].astype(np.float64) - zero) / 1e3 for i in (3, 4, 5))
     if np.any(done != ended):
         print(f"    the last step: to the last warp done {done.max():.1f} us; a warp's "
               f"{_quantiles(done - ended)}")  # fmt: skip
+        print(f"      write_run            {_quantiles((wrote - ended)[ran])}")
+        print(f"      barrier, from wrote  {_quantiles(met - wrote)}")
+        print(f"      combine, from met    {_quantiles(done - met)}")
+        last = blocks.max(axis=1)  # each block's last walk's end
+        print(f"      a block's last done - its last walk's end "
+              f"{_quantiles(done.reshape(-1, warps).max(axis=1) - last)}")  # fmt: skip
 
 
 def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS) -> None:
@@ -278,9 +299,9 @@ def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS
     id_words = -(-(partition // runs // shape.block_size) // 4) * 4
     walk_shared = 4 * warps * (id_words + attention_v6.SWAP + attention_v6.POSTED)
     end_shared = attention_v6.shared_bytes(
-        group, shape.head_dim, shape.block_size, partition // runs, warps, heads
-    )
-    stamps = cuda.device_array((n, 4), np.uint64)
+        group, shape.head_dim, shape.block_size, partition // runs, warps, heads, True
+    )  # (padded: a few words more than unpadded needs)
+    stamps = cuda.device_array((n, 6), np.uint64)
     sink = cuda.device_array(n * WARP, np.float32)
     query, keys, values = attention_v6.words(a)
     args = (stamps, sink, a.out, *a.workspace(partition), query, keys, values, a.block_tables,
@@ -292,7 +313,7 @@ def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS
     ran = starts < a.host_seq_lens[at // warps // grid[0] // parts]
     for kind in kinds:
         kernel = stamped_kernel(group, shape.head_dim, shape.block_size, warps, heads, kind)
-        shared = end_shared if kind == "v6+end" else walk_shared
+        shared = end_shared if kind.startswith("v6+end") else walk_shared
         attention_v5.allow_shared(kernel, args, shared)
         a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
 
@@ -301,7 +322,7 @@ def probe(shape: gpu.AttentionShape, timing: Any, kinds: tuple[str, ...] = KINDS
 
         ms = gpu.time_ms(launch, timing)
         same = ""
-        if kind == "v6+end":
+        if kind.startswith("v6+end"):
             diff = float(np.max(np.abs(a.out.copy_to_host().astype(np.float32) - want)))
             same = f" (|diff| from launch_v6's output {diff:.1e})"
         print(f"  {kind:28s} {1e3 * ms:8.1f} us{same}", flush=True)

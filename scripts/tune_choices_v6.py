@@ -4,18 +4,18 @@ batches where the goal is SDPA's speed.
     python3 scripts/tune_choices_v6.py [--choices=a,b+c,...] [--rounds=N] [batch ...]
 
 ``batch``: ``SEQSxCONTEXT/KV`` such as ``64x4096/8`` (32 query heads), or
-``SEQSxCONTEXT/HEADS:KV`` such as ``64x4096/8:8`` (default: 64 x 4096 with 8 kv heads and
-with 32, and 32 x 8192 with 8). ``--choices``: the variants (default: none, only SDPA and the
+``SEQSxCONTEXT/HEADS:KV`` such as ``64x4096/8:8`` (default: 64 x 4096 with 8 kv heads and with
+32, and 32 x 8192 with 8). ``--choices``: the variants (default: none, only SDPA and the
 default launch), each one or more items joined by ``+``: tuning choices of
-``attention_v6.TUNING`` (added to the default ones, which are all of them: only a choice being
-tried adds to them), and at most one launch ``PARTITION/WARPS/HEADS`` instead of
-``choose_launch``'s (where it has several partitions a sequence, the merge kernel that follows
-is also timed alone). Each variant's output is compared with the default launch's.
-``--rounds``: time SDPA, the default and the variants that many times in turn (default 2),
-since two launches timed minutes apart on the same GPU can differ by 1%: the median of each
-round is printed, then each variant's time against the default's, round by round. Also prints
-each kernel's registers and local memory a thread (local memory: the registers spilled). In
-Numba's CUDA simulator it runs once, on a tiny batch, as a check.
+``attention_v6.CHOICES`` (added to the default ones, ``attention_v6.TUNING``), and at most one
+launch ``PARTITION/WARPS/HEADS`` instead of ``choose_launch``'s (where it has several
+partitions a sequence, the merge kernel that follows is also timed alone). Each variant's
+output is compared with the default launch's. ``--rounds``: time SDPA, the default and the
+variants that many times in turn (default 2), since two launches timed minutes apart on the
+same GPU can differ by 1%: the median of each round is printed, then each variant's time
+against the default's, round by round. Also prints each kernel's registers and local memory a
+thread (local memory: the registers spilled). In Numba's CUDA simulator it runs once, on a tiny
+batch, as a check.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def main() -> None:
             rounds = int(arg.partition("=")[2])
         else:
             batches.append(arg)
-    unknown = {c for v in variants for c in v if "/" not in c} - set(attention_v6.TUNING)
+    unknown = {c for v in variants for c in v if "/" not in c} - set(attention_v6.CHOICES)
     if unknown:
-        sys.exit(f"unknown choices {sorted(unknown)}; known: {attention_v6.TUNING}")
+        sys.exit(f"unknown choices {sorted(unknown)}; known: {attention_v6.CHOICES}")
     timing = gpu.Timing(0, 1, 1) if gpu.SIMULATED else gpu.Timing()  # the simulator: a check
     print(gpu.device_name(), flush=True)
     for name in batches or ["64x4096/8", "32x8192/8", "64x4096/32"]:

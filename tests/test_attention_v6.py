@@ -74,21 +74,63 @@ def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
 
 
 @pytest.mark.parametrize(
-    ("group", "warps", "heads", "weights"), [(3, 4, 2, True), (1, 4, 1, False)]
+    ("group", "warps", "heads", "weights", "extra"),
+    [(3, 4, 2, True, ()), (3, 4, 2, True, ("padded",)), (1, 4, 1, False, ("padded",))],
 )
-def test_v6_combines_runs_either_way(group: int, warps: int, heads: int, weights: bool) -> None:
+def test_v6_combines_runs_either_way(
+    group: int, warps: int, heads: int, weights: bool, extra: tuple
+) -> None:
     """A block's runs combined with their weights worked out once a head, where a thread has
-    several outputs to combine, and one output at a time where it has one: the same attention,
-    in partitions of 64 tokens (some runs past a sequence's end, a merge after) and of 192 (the
-    output written by the block)."""
+    several outputs to combine (in plain or padded runs), and one output at a time where it
+    has one (where padding changes nothing): the same attention, in partitions of 64 tokens
+    (some runs past a sequence's end, a merge after) and of 192 (the output written by the
+    block)."""
     assert attention_v6.combines_with_weights(group, 64, warps, heads) == weights
     rng = np.random.default_rng(2)
     args = (*nan_past_end_args(rng, [130, 7], group, 2, 64, 16), 0.125)
     a = attention.prepare_attention(*args)
     for partition in (64, 192):
         a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
-        attention_v6.launch_v6(a, partition, warps, heads)
+        attention_v6.launch_v6(a, partition, warps, heads, tuning=(*attention_v6.TUNING, *extra))
         close(a.result(), expected(args), np.float16)
+
+
+def _store_banks(group: int, head_dim: int, padded: bool) -> list[list[int]]:
+    """The shared-memory bank of each lane's word in each of ``write_run``'s stores of a run
+    (lanes whose query head is past ``group`` store nothing), from the same addresses."""
+    stride, _ = attention_v6.run_layout(group, head_dim, padded)
+    stores = []
+    for j in range(head_dim // 16):
+        u, w = j >> 2, j & 3
+        for i in range(4):
+            banks = []
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                head = 2 * t + (i & 1)
+                dim = 8 * (g + 8 * u) + 2 * w + (i >> 1)
+                if head < group:
+                    banks.append(attention_v6.run_at(head, dim, stride, int(padded)) % 32)
+            stores.append(banks)
+    return stores
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_padded_runs_give_every_lane_its_own_bank(group: int, head_dim: int) -> None:
+    """Padded, no two lanes of a store of ``write_run`` meet in a bank, and the combine's 32
+    threads of a warp read 32 neighbouring words; unpadded, 8 query heads put 8 lanes in a
+    bank. And padding only moves the outputs: each still has a word of its own."""
+    for banks in _store_banks(group, head_dim, True):
+        assert len(set(banks)) == len(banks)
+    if group == 8:
+        assert max(np.bincount(_store_banks(8, head_dim, False)[0])) == 8
+    stride, slot = attention_v6.run_layout(group, head_dim, True)
+    at = [attention_v6.run_at(h, d, stride, 1) for h in range(group) for d in range(head_dim)]
+    assert len(set(at)) == len(at) and max(at) < slot - 2 * group
+    for first in range(0, group * head_dim, 32):  # a warp's outputs in the combine
+        h, d = divmod(first, head_dim)
+        words = [attention_v6.run_at(h, d + x, stride, 1) for x in range(32)]
+        assert words == list(range(words[0], words[0] + 32))
 
 
 def test_v6_refuses_an_unknown_tuning_choice() -> None:

@@ -84,6 +84,7 @@ SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
+CHOICES = (*TUNING, "padded")  # the tuning choices launch_v6 takes (TUNING: those it makes)
 
 
 if config.ENABLE_CUDASIM:
@@ -201,14 +202,46 @@ def _highs(a, b):
 
 
 def shared_bytes(
-    group: int, head_dim: int, block_size: int, sub: int, warps: int, heads: int = 1
-) -> int:
+    group: int, head_dim: int, block_size: int, sub: int, warps: int, heads: int = 1,
+    padded: bool = False,
+) -> int:  # fmt: skip
     """Dynamic shared memory of a block of ``warps`` warps over ``heads`` kv heads, walking
     ``sub`` tokens each: each warp's block numbers, then (several runs a kv head) each warp's
-    ``[output | maxima | sums]`` for ``combine_warps``, then the simulator's meeting places."""
+    run, ``run_layout``'s slot, for the block's combine, then the simulator's meeting places.
+    ``padded``: the tuning choice (``make_end``'s)."""
     ids = warps * -(-(sub // block_size) // 4) * 4
-    runs = warps * (group * head_dim + 2 * group) if warps > heads else 0
+    padded = padded and combines_with_weights(group, head_dim, warps, heads)
+    runs = warps * run_layout(group, head_dim, padded)[1] if warps > heads else 0
     return 4 * (ids + runs + warps * (SWAP + POSTED))
+
+
+def run_layout(group: int, head_dim: int, padded: bool = False) -> tuple[int, int]:
+    """``(stride, slot)``: the words from one query head's outputs to the next in a warp's run
+    in shared memory, and the run's words, ``[outputs (head-major) | maxima | exp sums]``.
+
+    Unpadded, a run is ``head_dim`` words a head. ``padded`` (a tuning choice), a head takes
+    the first ``stride >= head_dim + head_dim // 32`` with ``stride % 4 == 1``, and each 32
+    dimensions skip a word (``run_at``), so that ``write_run``'s stores do not meet in a bank.
+    Why: lane ``(g, t)`` stores dimension ``8 g + ...`` of heads ``2 t`` and ``2 t + 1``, and
+    with a stride of 128 words all 32 lanes of a store fall in 4 of the 32 banks (8 g mod 32),
+    8 to a bank for 8 query heads a kv head. Padded, a store's bank is ``2 t stride + 8 (g %
+    4) + g // 4`` plus the same for every lane (mod 32): ``2 t stride = 2 t`` mod 8, so its low
+    3 bits name ``t`` and ``g // 4``, and then its top 2 bits ``g % 4``: every lane has a bank
+    of its own."""
+    stride = head_dim
+    if padded:
+        stride += head_dim // WARP
+        stride += (1 - stride) % 4
+    return stride, group * stride + 2 * group
+
+
+def run_at(head: int, dim: int, stride: int, skew: int) -> int:
+    """Where dimension ``dim`` of query head ``head`` lies in a warp's run (``run_layout``'s
+    ``stride``; ``skew`` 1 where padded: a word skipped every 32 dimensions, else 0)."""
+    return head * stride + dim + (dim >> 5) * skew
+
+
+_run_at = cuda.jit(device=True, **INLINE)(run_at)
 
 
 @cuda.jit(device=True, **INLINE)
@@ -355,16 +388,21 @@ def make_consume(group: int, head_dim: int, lazy: bool = False) -> Any:
 
 
 @functools.cache
-def make_write_run(group: int, head_dim: int, several: bool, weighed: bool = False) -> Any:
+def make_write_run(
+    group: int, head_dim: int, several: bool, weighed: bool = False, padded: bool = False
+) -> Any:
     """The device function that ends a warp's run: its exp sums added up over each row group's
     4 lanes, then its output (the sums divided out), maxima and sums written where they go:
     with ``several`` runs a kv head, into the warp's slot ``run`` as ``[output (head-major) |
     maxima | sums]`` for ``combine_warps``; else, for a sequence of one partition (``alone``),
     the output itself, or the partition's partial result (versions 6 and 7 share it).
     ``weighed`` (with ``several``): the output is left as its sums, not divided, for
-    ``make_combine_runs``, which weighs all runs alike."""
+    ``make_combine_runs``, which weighs all runs alike; ``padded`` (with ``weighed``): in
+    ``run_layout``'s padded slot."""
     tiles_m = head_dim // 16
-    outputs = group * head_dim
+    stride, _ = run_layout(group, head_dim, padded)
+    skew = 1 if padded else 0
+    outputs = group * stride
 
     @cuda.jit(device=True, **INLINE)
     def write_run(
@@ -386,7 +424,7 @@ def make_write_run(group: int, head_dim: int, several: bool, weighed: bool = Fal
                     dim = PIECE * (g + 8 * u) + 2 * w + (i >> 1)
                     x = acc[4 * j + i] if several and weighed else acc[4 * j + i] / sums[i & 1]
                     if several:
-                        run[head * head_dim + dim] = x
+                        run[_run_at(head, dim, stride, skew)] = x
                     elif alone:
                         out[seq, kv_head * group + head, dim] = x
                     else:
@@ -420,7 +458,9 @@ def combines_with_weights(group: int, head_dim: int, warps: int, heads: int) -> 
 
 
 @functools.cache
-def make_combine_runs(group: int, head_dim: int, warps: int, heads: int) -> Any:
+def make_combine_runs(
+    group: int, head_dim: int, warps: int, heads: int, padded: bool = False
+) -> Any:
     """The device function that combines the runs of a block's ``warps`` warps over ``heads``
     kv heads (warp ``w`` walked a run of kv head ``w % heads``), as ``v5.make_combine_warps``'
     does, from runs that ``make_write_run(..., weighed=True)`` left undivided.
@@ -431,34 +471,37 @@ def make_combine_runs(group: int, head_dim: int, warps: int, heads: int) -> Any:
     ``head_dim`` outputs, with a division each, after each run divided its own outputs by its
     exp sum; here one thread a head works them out once, into the slots of the maxima, and
     after a barrier every output is a few multiply-adds (``combines_with_weights`` says
-    where that is faster)."""
+    where that is faster). ``padded``: the runs in ``run_layout``'s padded slots."""
     threads = warps * WARP
     runs = warps // heads
     outputs = group * head_dim
+    stride, _ = run_layout(group, head_dim, padded)
+    skew = 1 if padded else 0
+    tops = group * stride  # where a run's maxima start
     rounds = -(-heads * outputs // threads)  # outputs a thread, at most (a constant)
 
     @cuda.jit(device=True, **INLINE)
-    def combine_runs(out, partial_out, max_logits, exp_sums, slots, stride, seq, kv_head, part,
+    def combine_runs(out, partial_out, max_logits, exp_sums, slots, slot, seq, kv_head, part,
                      alone):  # fmt: skip
-        """After a barrier: warp ``w``'s run at ``slots[w * stride:]`` as ``[sums (head-major)
-        | maxima | exp sums]``; writes what ``combine_warps`` writes (a run past the
-        sequence's end left maximum minus infinity: weight 0)."""
+        """After a barrier: warp ``w``'s run at ``slots[w * slot:]`` as ``[sums (head-major)
+        | maxima | exp sums]`` (``run_layout``'s); writes what ``combine_warps`` writes (a run
+        past the sequence's end left maximum minus infinity: weight 0)."""
         i = cuda.threadIdx.x
         if i < heads * group:
             k = i // group  # the block's kv head k, query head h
             h = i - k * group
             top = NEG_INF
             for r in range(runs):
-                top = max(top, slots[(r * heads + k) * stride + outputs + h])
+                top = max(top, slots[(r * heads + k) * slot + tops + h])
             total = float32(0.0)
             for r in range(runs):
-                at = (r * heads + k) * stride + outputs + h
+                at = (r * heads + k) * slot + tops + h
                 e = math.exp(slots[at] - top)
                 slots[at] = e
                 total += slots[at + group] * e
             inverse = float32(1.0) / total
             for r in range(runs):
-                slots[(r * heads + k) * stride + outputs + h] *= inverse
+                slots[(r * heads + k) * slot + tops + h] *= inverse
             if not alone:
                 max_logits[seq, (kv_head + k) * group + h, part] = top
                 exp_sums[seq, (kv_head + k) * group + h, part] = total
@@ -471,9 +514,10 @@ def make_combine_runs(group: int, head_dim: int, warps: int, heads: int) -> Any:
                 h = rest // head_dim
                 d = rest - h * head_dim
                 x = float32(0.0)
+                here = _run_at(h, d, stride, skew)
                 for r in range(runs):
-                    at = (r * heads + k) * stride
-                    x += slots[at + outputs + h] * slots[at + rest]
+                    at = (r * heads + k) * slot
+                    x += slots[at + tops + h] * slots[at + here]
                 if alone:
                     out[seq, (kv_head + k) * group + h, d] = x
                 else:
@@ -482,17 +526,22 @@ def make_combine_runs(group: int, head_dim: int, warps: int, heads: int) -> Any:
     return combine_runs
 
 
-def make_end(group: int, head_dim: int, warps: int, heads: int) -> tuple[Any, Any]:
-    """``(write_run, combine_warps)``: the device functions that end a warp's run and combine a
-    block's runs, ``make_combine_runs`` with runs left undivided where
-    ``combines_with_weights``, else ``v5.make_combine_warps`` with runs divided by their own
-    exp sums (version 6's kernel and ``scripts/probe_tail.py`` share them)."""
+def make_end(
+    group: int, head_dim: int, warps: int, heads: int, padded: bool = False
+) -> tuple[Any, Any, int]:
+    """``(write_run, combine_warps, slot)``: the device functions that end a warp's run and
+    combine a block's runs, and the words of a run in shared memory: ``make_combine_runs``
+    with runs left undivided where ``combines_with_weights`` (in padded slots with
+    ``padded``, a tuning choice), else ``v5.make_combine_warps`` with runs divided by their
+    own exp sums (version 6's kernel and ``scripts/probe_tail.py`` share them)."""
     weights = combines_with_weights(group, head_dim, warps, heads)
+    padded = padded and weights
     if weights:
-        combine = make_combine_runs(group, head_dim, warps, heads)
+        combine = make_combine_runs(group, head_dim, warps, heads, padded)
     else:
         combine = v5.make_combine_warps(group, head_dim, warps, heads)
-    return make_write_run(group, head_dim, warps > heads, weights), combine
+    write_run = make_write_run(group, head_dim, warps > heads, weights, padded)
+    return write_run, combine, run_layout(group, head_dim, padded)[1]
 
 
 @functools.cache
@@ -602,7 +651,7 @@ def make_kernel(
     ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
     blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
     its own choice); ``hint``: a cache qualifier for the loads of the cache; ``tuning``:
-    ``make_walk``'s."""
+    ``make_walk``'s, and ``"padded"``, ``make_end``'s."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -616,10 +665,10 @@ def make_kernel(
     q_words = 4 * k_pieces
     acc_size = 4 * tiles_m
     shift = block_size.bit_length() - 1
-    outputs = group * head_dim
-    slot = outputs + 2 * group  # a warp's run for combine_warps: [output | maxima | sums]
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
-    write_run, combine_warps = make_end(group, head_dim, warps, heads)
+    # a warp's run for combine_warps: [output | maxima | sums], its maxima from ``tops`` on
+    write_run, combine_warps, slot = make_end(group, head_dim, warps, heads, "padded" in tuning)
+    tops = slot - 2 * group
     load_query = make_load_query(group, head_dim)
     walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
 
@@ -691,7 +740,7 @@ def make_kernel(
         elif runs > 1:  # a run past the sequence's end weighs nothing
             run = smem[runs_at + warp * slot : runs_at + (warp + 1) * slot]
             for i in range(lane, slot, WARP):
-                run[i] = NEG_INF if outputs <= i < outputs + group else float32(0.0)
+                run[i] = NEG_INF if tops <= i < tops + group else float32(0.0)
         if runs > 1:
             cuda.syncthreads()
             combine_warps(
@@ -714,13 +763,15 @@ def supports(
     partition_size: int,
     warps: int = 1,
     heads: int = 1,
+    padded: bool = False,
 ) -> str | None:
     """None when version 6 can run this shape, else the reason it cannot: float16, at most 8
     query heads per kv head, head_dim a multiple of 64 (each of a row group's 8 row groups
     loads whole 16-byte pieces of V), blocks of whole 16-token tiles, ``warps`` (1 to
     ``MAX_WARPS``) a whole number of runs of each of ``heads`` kv heads, which divide the kv
     heads, partitions of whole blocks for each run, shared memory within the 48 KB a launch
-    gets by default, or ``v5.OPT_IN_SHARED_BYTES`` for several warps."""
+    gets by default, or ``v5.OPT_IN_SHARED_BYTES`` for several warps (``padded``: with the
+    tuning choice's padded runs)."""
     reason = runs_reason(
         6, dtype, num_heads, num_kv_heads, head_dim, block_size, partition_size, warps, heads
     )
@@ -728,7 +779,7 @@ def supports(
         return reason
     runs = warps // heads
     group = num_heads // num_kv_heads
-    need = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
+    need = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads, padded)
     limit = v2.SHARED_BYTES if warps == 1 else v5.OPT_IN_SHARED_BYTES
     if need > limit:
         return f"{need} bytes of shared memory per thread block, more than {limit}"
@@ -884,7 +935,8 @@ def launch_v6(
     """Launch version 6 on checked inputs: the partition kernel, then (for sequences of several
     partitions) version 5's merge kernel. ``partition_size`` None: ``choose_launch``'s pick
     (and its warps and heads). ``min_blocks``, ``hint`` and ``tuning``: tuning choices, as
-    ``make_kernel`` takes them (``tuning=()``: the plain walk, none of them)."""
+    ``make_kernel`` takes them (``tuning=()``: the plain walk, none of them; ``CHOICES`` the
+    choices it knows, ``TUNING`` the ones it makes)."""
     num_seqs, num_heads, head_dim = a.shape
     _, block_size, kv_heads, _ = a.key_cache.shape
     if partition_size is None:
@@ -892,12 +944,13 @@ def launch_v6(
     partition_size = v.check_int("partition_size", partition_size, 1, v2.V1_MAX_CONTEXT)
     warps = v.check_int("warps", warps, 1, MAX_WARPS)
     heads = v.check_int("heads", heads, 1, MAX_WARPS)
-    unknown = set(tuning) - set(TUNING)
+    unknown = set(tuning) - set(CHOICES)
     if unknown:
-        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {TUNING}")
+        raise InvalidRequest(f"unknown tuning choices {sorted(unknown)}; known: {CHOICES}")
+    padded = "padded" in tuning
     reason = supports(
         a.key_cache.dtype, num_heads, kv_heads, head_dim, block_size, partition_size, warps,
-        heads,
+        heads, padded,
     )  # fmt: skip
     if reason:
         raise InvalidRequest(reason)
@@ -905,7 +958,7 @@ def launch_v6(
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
     runs = warps // heads
-    shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads)
+    shared = shared_bytes(group, head_dim, block_size, partition_size // runs, warps, heads, padded)
     kernel = make_kernel(
         group, head_dim, block_size, warps, min_blocks, hint, heads, tuple(sorted(tuning))
     )
