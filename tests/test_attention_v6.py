@@ -100,17 +100,11 @@ def _store_banks(group: int, head_dim: int, padded: bool) -> list[list[int]]:
     (lanes whose query head is past ``group`` store nothing), from the same addresses."""
     stride, _ = attention_v6.run_layout(group, head_dim, padded)
     stores = []
-    for j in range(head_dim // 16):
-        u, w = j >> 2, j & 3
-        for i in range(4):
-            banks = []
-            for lane in range(32):
-                g, t = lane >> 2, lane & 3
-                head = 2 * t + (i & 1)
-                dim = 8 * (g + 8 * u) + 2 * w + (i >> 1)
-                if head < group:
-                    banks.append(attention_v6.run_at(head, dim, stride, int(padded)) % 32)
-            stores.append(banks)
+    for n in range(head_dim // 4):  # a lane's accumulators
+        places = [attention_v6.acc_output(lane, n) for lane in range(32)]
+        stores.append(
+            [attention_v6.run_at(h, d, stride, int(padded)) % 32 for h, d in places if h < group]
+        )
     return stores
 
 
@@ -119,11 +113,17 @@ def _store_banks(group: int, head_dim: int, padded: bool) -> list[list[int]]:
 def test_padded_runs_give_every_lane_its_own_bank(group: int, head_dim: int) -> None:
     """Padded, no two lanes of a store of ``write_run`` meet in a bank, and the combine's 32
     threads of a warp read 32 neighbouring words; unpadded, 8 query heads put 8 lanes in a
-    bank. And padding only moves the outputs: each still has a word of its own."""
+    bank. And padding only moves the outputs: each still has a word of its own (and each has
+    one accumulator in the warp)."""
     for banks in _store_banks(group, head_dim, True):
         assert len(set(banks)) == len(banks)
     if group == 8:
         assert max(np.bincount(_store_banks(8, head_dim, False)[0])) == 8
+        # and a warp's accumulators hold each output of its 8 heads once
+        places = {
+            attention_v6.acc_output(lane, n) for lane in range(32) for n in range(head_dim // 4)
+        }
+        assert places == {(h, d) for h in range(8) for d in range(head_dim)}
     stride, slot = attention_v6.run_layout(group, head_dim, True)
     at = [attention_v6.run_at(h, d, stride, 1) for h in range(group) for d in range(head_dim)]
     assert len(set(at)) == len(at) and max(at) < slot - 2 * group

@@ -244,6 +244,20 @@ def run_at(head: int, dim: int, stride: int, skew: int) -> int:
 _run_at = cuda.jit(device=True, **INLINE)(run_at)
 
 
+def acc_output(lane: int, n: int) -> tuple[int, int]:
+    """``(head, dim)``: the query head and dimension whose output lane ``lane``'s accumulator
+    ``acc[n]`` sums. It is register ``n % 4`` of the C fragment of m tile ``j = n // 4`` of
+    ``O^T = V^T P^T``: head ``2 t`` or ``2 t + 1`` (its column), and row ``g`` or ``g + 8`` of
+    the tile, which ``read_tile`` filled with word ``j % 4`` (low or high half) of V's piece
+    ``g + 8 (j // 4)`` (``write_run`` and the tests share it)."""
+    g, t = lane >> 2, lane & 3
+    j, i = n >> 2, n & 3
+    return 2 * t + (i & 1), PIECE * (g + 8 * (j >> 2)) + 2 * (j & 3) + (i >> 1)
+
+
+_acc_output = cuda.jit(device=True, **INLINE)(acc_output)
+
+
 @cuda.jit(device=True, **INLINE)
 def fetch_ids(ids, table, start, end, shift, lane):  # noqa: ANN001, ANN201
     """Copy the cache blocks of tokens ``start`` to ``end - 1`` (``start`` on a block boundary,
@@ -417,11 +431,9 @@ def make_write_run(
         tops = (_lane_value(top, 8 * t, swap), _lane_value(top, 8 * t + 4, swap))
         sums = (_lane_value(total, 8 * t, swap), _lane_value(total, 8 * t + 4, swap))
         for j in range(tiles_m):
-            u, w = j >> 2, j & 3
             for i in range(4):
-                head = 2 * t + (i & 1)
+                head, dim = _acc_output(lane, 4 * j + i)
                 if head < group:
-                    dim = PIECE * (g + 8 * u) + 2 * w + (i >> 1)
                     x = acc[4 * j + i] if several and weighed else acc[4 * j + i] / sums[i & 1]
                     if several:
                         run[_run_at(head, dim, stride, skew)] = x
