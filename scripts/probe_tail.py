@@ -31,8 +31,8 @@ warp's start to the last one's end, when the warps started and ended (quantiles,
 the first start), how long each warp took, how far apart the warps of one block and the last
 warps of each SM ended, the share of the span the warp places were busy, and for ``v6+end``
 how long the last step and each of its parts took, and a block's last step after its last
-walk. In Numba's CUDA simulator the timer reads 0: it runs there (a
-tiny batch) to check the kernels only.
+walk. In Numba's CUDA simulator the timer reads 0: it runs there (a tiny batch) to check the
+kernels only.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def shared_bytes(
     run, ``run_layout``'s slot, for the block's combine, then the simulator's meeting places.
     ``padded``: the tuning choice (``make_end``'s)."""
     ids = warps * -(-(sub // block_size) // 4) * 4
-    padded = padded and combines_with_weights(group, head_dim, warps, heads)
+    padded = pads_runs(group, head_dim, warps, heads, padded)
     runs = warps * run_layout(group, head_dim, padded)[1] if warps > heads else 0
     return 4 * (ids + runs + warps * (SWAP + POSTED))
 
@@ -469,6 +469,13 @@ def combines_with_weights(group: int, head_dim: int, warps: int, heads: int) -> 
     return warps > heads and heads * group * head_dim > warps * WARP
 
 
+def pads_runs(group: int, head_dim: int, warps: int, heads: int, padded: bool) -> bool:
+    """Whether a block's runs lie in ``run_layout``'s padded slots: with the tuning choice
+    ``padded``, where they are combined with weights (``make_combine_runs`` reads either
+    layout; ``v5.make_combine_warps`` only the plain one)."""
+    return padded and combines_with_weights(group, head_dim, warps, heads)
+
+
 @functools.cache
 def make_combine_runs(
     group: int, head_dim: int, warps: int, heads: int, padded: bool = False
@@ -547,7 +554,7 @@ def make_end(
     ``padded``, a tuning choice), else ``v5.make_combine_warps`` with runs divided by their
     own exp sums (version 6's kernel and ``scripts/probe_tail.py`` share them)."""
     weights = combines_with_weights(group, head_dim, warps, heads)
-    padded = padded and weights
+    padded = pads_runs(group, head_dim, warps, heads, padded)
     if weights:
         combine = make_combine_runs(group, head_dim, warps, heads, padded)
     else:
