@@ -59,12 +59,22 @@ def test_v6_matches_reference(case: tuple) -> None:
     close(out, expected(args), np.float16)
 
 
-@pytest.mark.parametrize("tuning", [(), *((x,) for x in attention_v6.TUNING), attention_v6.TUNING])
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        (),
+        *((x,) for x in attention_v6.TUNING),
+        attention_v6.TUNING,
+        (*attention_v6.TUNING, "early"),
+        attention_v6.CHOICES,
+    ],
+)
 def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
     """Whole tiles loaded without tests, sums rescaled only when a maximum grew, and the warps
-    of a run keeping pace (each alone, all three as ``launch_v6`` makes them, and none): the
-    same attention, on runs of 1 to 3 tiles (the last partly past the end) and 1 to 3
-    partitions."""
+    of a run keeping pace (each alone, all three as ``launch_v6`` makes them, and none), and
+    with them block numbers read before the length (runs that reach past the table, and
+    blocks and warps past a sequence's end), and every choice at once: the same attention, on
+    runs of 1 to 3 tiles (the last partly past the end) and 1 to 3 partitions."""
     rng = np.random.default_rng(1)
     args = (*nan_past_end_args(rng, [200, 45, 7], 4, 2, 64, 16), 0.125)
     a = attention.prepare_attention(*args)
@@ -75,16 +85,24 @@ def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
 
 @pytest.mark.parametrize(
     ("group", "warps", "heads", "weights", "extra"),
-    [(3, 4, 2, True, ()), (3, 4, 2, True, ("padded",)), (1, 4, 1, False, ("padded",))],
+    [
+        (3, 4, 2, True, ()),
+        (3, 4, 2, True, ("padded",)),
+        (1, 4, 1, False, ("padded",)),
+        (3, 4, 2, True, ("lean",)),
+        (3, 4, 2, True, ("lean", "padded")),
+        (3, 4, 1, True, ("lean",)),
+    ],
 )
 def test_v6_combines_runs_either_way(
     group: int, warps: int, heads: int, weights: bool, extra: tuple
 ) -> None:
     """A block's runs combined with their weights worked out once a head, where a thread has
-    several outputs to combine (in plain or padded runs), and one output at a time where it
-    has one (where padding changes nothing): the same attention, in partitions of 64 tokens
-    (some runs past a sequence's end, a merge after) and of 192 (the output written by the
-    block)."""
+    several outputs to combine (in plain or padded runs, written and combined lean or not;
+    lean over one kv head, some threads have one output fewer), and one output at a time
+    where it has one (where padding changes nothing): the same attention, in partitions of 64
+    tokens (some runs past a sequence's end, a merge after) and of 192 (the output written by
+    the block)."""
     assert attention_v6.combines_with_weights(group, 64, warps, heads) == weights
     rng = np.random.default_rng(2)
     args = (*nan_past_end_args(rng, [130, 7], group, 2, 64, 16), 0.125)
@@ -93,6 +111,19 @@ def test_v6_combines_runs_either_way(
         a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
         attention_v6.launch_v6(a, partition, warps, heads, tuning=(*attention_v6.TUNING, *extra))
         close(a.result(), expected(args), np.float16)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("padded", [False, True])
+def test_lean_stores_lie_at_the_same_distances_for_every_lane(head_dim: int, padded: bool) -> None:
+    """Each of a lane's outputs lies as far from its first one as ``lean_offsets`` says, for
+    every lane: the lean ``write_run`` stores them all from one address."""
+    stride, _ = attention_v6.run_layout(8, head_dim, padded)
+    offsets = attention_v6.lean_offsets(head_dim, stride, int(padded))
+    for lane in range(32):
+        places = [attention_v6.acc_output(lane, n) for n in range(head_dim // 4)]
+        at = [attention_v6.run_at(h, d, stride, int(padded)) for h, d in places]
+        assert [a - at[0] for a in at] == list(offsets)
 
 
 def _store_banks(group: int, head_dim: int, padded: bool) -> list[list[int]]:

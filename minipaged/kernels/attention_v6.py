@@ -65,7 +65,7 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import config, cuda, float32, int32, uint32
+from numba import config, cuda, float32, int32, int64, uint32
 
 from minipaged.errors import InvalidRequest
 from minipaged.kernels import attention as v2
@@ -84,7 +84,7 @@ SWAP = 32 if config.ENABLE_CUDASIM else 0  # the simulator's floats a warp for _
 POSTED = v5.POSTED  # the simulator's words a warp for _mma
 LO, HI = uint32(0xFFFF), uint32(0xFFFF0000)
 TUNING = ("lazy", "lockstep", "unmasked")  # make_walk's tuning choices, all on in launch_v6
-CHOICES = (*TUNING, "padded")  # the tuning choices launch_v6 takes (TUNING: those it makes)
+CHOICES = (*TUNING, "early", "lean", "padded")  # the choices launch_v6 takes (TUNING: made)
 
 
 if config.ENABLE_CUDASIM:
@@ -258,6 +258,20 @@ def acc_output(lane: int, n: int) -> tuple[int, int]:
 _acc_output = cuda.jit(device=True, **INLINE)(acc_output)
 
 
+def lean_offsets(head_dim: int, stride: int, skew: int) -> tuple[int, ...]:
+    """Where accumulator ``n`` of a lane goes in its warp's run, counted from where its
+    accumulator 0 goes (``run_at`` of ``acc_output``): the same for every lane, since a
+    lane's head and dimension are its own ``2 t`` and ``8 g`` plus a part that depends on
+    ``n`` alone (``8 g`` plus the rest stays within the first 64 dimensions' skew: ``(8 g +
+    r) >> 5 == g >> 2`` for ``r < 8``). ``make_write_run``'s lean stores take them as
+    constants."""
+    out = []
+    for n in range(4 * (head_dim // 16)):
+        head, dim = acc_output(0, n)
+        out.append(run_at(head, dim, stride, skew))
+    return tuple(out)
+
+
 @cuda.jit(device=True, **INLINE)
 def fetch_ids(ids, table, start, end, shift, lane):  # noqa: ANN001, ANN201
     """Copy the cache blocks of tokens ``start`` to ``end - 1`` (``start`` on a block boundary,
@@ -403,8 +417,9 @@ def make_consume(group: int, head_dim: int, lazy: bool = False) -> Any:
 
 @functools.cache
 def make_write_run(
-    group: int, head_dim: int, several: bool, weighed: bool = False, padded: bool = False
-) -> Any:
+    group: int, head_dim: int, several: bool, weighed: bool = False, padded: bool = False,
+    lean: bool = False,
+) -> Any:  # fmt: skip
     """The device function that ends a warp's run: its exp sums added up over each row group's
     4 lanes, then its output (the sums divided out), maxima and sums written where they go:
     with ``several`` runs a kv head, into the warp's slot ``run`` as ``[output (head-major) |
@@ -412,11 +427,15 @@ def make_write_run(
     the output itself, or the partition's partial result (versions 6 and 7 share it).
     ``weighed`` (with ``several``): the output is left as its sums, not divided, for
     ``make_combine_runs``, which weighs all runs alike; ``padded`` (with ``weighed``): in
-    ``run_layout``'s padded slot."""
+    ``run_layout``'s padded slot. ``lean`` (with ``weighed``, a tuning choice): each store
+    at a constant distance from the lane's first output (``lean_offsets``), so that the
+    compiler makes each one instruction, not a branch and its address worked out."""
     tiles_m = head_dim // 16
     stride, _ = run_layout(group, head_dim, padded)
     skew = 1 if padded else 0
     outputs = group * stride
+    lean = lean and several and weighed
+    offsets = lean_offsets(head_dim, stride, skew)
 
     @cuda.jit(device=True, **INLINE)
     def write_run(
@@ -430,7 +449,14 @@ def make_write_run(
         # heads 2t and 2t + 1: their maxima and sums live in row groups 2t and 2t + 1
         tops = (_lane_value(top, 8 * t, swap), _lane_value(top, 8 * t + 4, swap))
         sums = (_lane_value(total, 8 * t, swap), _lane_value(total, 8 * t + 4, swap))
-        for j in range(tiles_m):
+        if lean:
+            head, dim = _acc_output(lane, 0)
+            mine = run[uint32(_run_at(head, dim, stride, skew)) :]
+            lit = (2 * t < group, 2 * t + 1 < group)
+            for n in range(4 * tiles_m):
+                if lit[n & 1]:
+                    mine[offsets[n]] = acc[n]
+        for j in range(0 if lean else tiles_m):
             for i in range(4):
                 head, dim = _acc_output(lane, 4 * j + i)
                 if head < group:
@@ -478,7 +504,7 @@ def pads_runs(group: int, head_dim: int, warps: int, heads: int, padded: bool) -
 
 @functools.cache
 def make_combine_runs(
-    group: int, head_dim: int, warps: int, heads: int, padded: bool = False
+    group: int, head_dim: int, warps: int, heads: int, padded: bool = False, lean: bool = False
 ) -> Any:
     """The device function that combines the runs of a block's ``warps`` warps over ``heads``
     kv heads (warp ``w`` walked a run of kv head ``w % heads``), as ``v5.make_combine_warps``'
@@ -490,7 +516,11 @@ def make_combine_runs(
     ``head_dim`` outputs, with a division each, after each run divided its own outputs by its
     exp sum; here one thread a head works them out once, into the slots of the maxima, and
     after a barrier every output is a few multiply-adds (``combines_with_weights`` says
-    where that is faster). ``padded``: the runs in ``run_layout``'s padded slots."""
+    where that is faster). ``padded``: the runs in ``run_layout``'s padded slots. ``lean`` (a
+    tuning choice): an output's place worked out in 32-bit unsigned integers, not Numba's
+    64-bit signed ones, whose divisions by constants need a correction for negative numbers
+    and whose indices a test for them, and no test whether a thread has an output where all
+    have the same number."""
     threads = warps * WARP
     runs = warps // heads
     outputs = group * head_dim
@@ -498,6 +528,8 @@ def make_combine_runs(
     skew = 1 if padded else 0
     tops = group * stride  # where a run's maxima start
     rounds = -(-heads * outputs // threads)  # outputs a thread, at most (a constant)
+    every = lean and heads * outputs % threads == 0  # every thread has ``rounds`` outputs
+    word = uint32 if lean else int64
 
     @cuda.jit(device=True, **INLINE)
     def combine_runs(out, partial_out, max_logits, exp_sums, slots, slot, seq, kv_head, part,
@@ -526,40 +558,42 @@ def make_combine_runs(
                 exp_sums[seq, (kv_head + k) * group + h, part] = total
         cuda.syncthreads()
         for n in range(rounds):
-            o = i + n * threads
-            if o < heads * outputs:
-                k = o // outputs
-                rest = o - k * outputs  # query head h's dimension d, head-major
-                h = rest // head_dim
-                d = rest - h * head_dim
+            o = word(i) + word(n * threads)
+            if every or o < word(heads * outputs):
+                k = o // word(outputs)
+                rest = o - k * word(outputs)  # query head h's dimension d, head-major
+                h = rest // word(head_dim)
+                d = rest - h * word(head_dim)
                 x = float32(0.0)
-                here = _run_at(h, d, stride, skew)
+                here = _run_at(h, d, word(stride), word(skew))
                 for r in range(runs):
-                    at = (r * heads + k) * slot
-                    x += slots[at + tops + h] * slots[at + here]
+                    at = (word(r * heads) + k) * word(slot)
+                    x += slots[at + word(tops) + h] * slots[at + here]
+                head = word(kv_head) * word(group) + k * word(group) + h
                 if alone:
-                    out[seq, (kv_head + k) * group + h, d] = x
+                    out[word(seq), head, d] = x
                 else:
-                    partial_out[seq, (kv_head + k) * group + h, part, d] = x
+                    partial_out[word(seq), head, word(part), d] = x
 
     return combine_runs
 
 
 def make_end(
-    group: int, head_dim: int, warps: int, heads: int, padded: bool = False
+    group: int, head_dim: int, warps: int, heads: int, padded: bool = False, lean: bool = False
 ) -> tuple[Any, Any, int]:
     """``(write_run, combine_warps, slot)``: the device functions that end a warp's run and
     combine a block's runs, and the words of a run in shared memory: ``make_combine_runs``
     with runs left undivided where ``combines_with_weights`` (in padded slots with
     ``padded``, a tuning choice), else ``v5.make_combine_warps`` with runs divided by their
-    own exp sums (version 6's kernel and ``scripts/probe_tail.py`` share them)."""
+    own exp sums (version 6's kernel and ``scripts/probe_tail.py`` share them). ``lean``, a
+    tuning choice: ``make_combine_runs``' and ``make_write_run``'s."""
     weights = combines_with_weights(group, head_dim, warps, heads)
     padded = pads_runs(group, head_dim, warps, heads, padded)
     if weights:
-        combine = make_combine_runs(group, head_dim, warps, heads, padded)
+        combine = make_combine_runs(group, head_dim, warps, heads, padded, lean)
     else:
         combine = v5.make_combine_warps(group, head_dim, warps, heads)
-    write_run = make_write_run(group, head_dim, warps > heads, weights, padded)
+    write_run = make_write_run(group, head_dim, warps > heads, weights, padded, lean)
     return write_run, combine, run_layout(group, head_dim, padded)[1]
 
 
@@ -670,7 +704,10 @@ def make_kernel(
     ``partition_size * heads // warps`` tokens, of kv head ``w % heads``. ``min_blocks``:
     blocks an SM must hold at once (so the compiler keeps to that many registers a thread; 0:
     its own choice); ``hint``: a cache qualifier for the loads of the cache; ``tuning``:
-    ``make_walk``'s, and ``"padded"``, ``make_end``'s."""
+    ``make_walk``'s, ``"padded"`` and ``"lean"``, ``make_end``'s, and ``"early"``: each warp
+    reads its run's block numbers before its sequence's length has come, as far as the table
+    goes (so up to a run's worth past the sequence's last block), and not after: a launch's
+    first loads of the cache wait on one round trip to memory fewer."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -686,10 +723,13 @@ def make_kernel(
     shift = block_size.bit_length() - 1
     runs = warps // heads  # runs of a kv head, each combine_warps' to merge
     # a warp's run for combine_warps: [output | maxima | sums], its maxima from ``tops`` on
-    write_run, combine_warps, slot = make_end(group, head_dim, warps, heads, "padded" in tuning)
+    write_run, combine_warps, slot = make_end(
+        group, head_dim, warps, heads, "padded" in tuning, "lean" in tuning
+    )
     tops = slot - 2 * group
     load_query = make_load_query(group, head_dim)
     walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
+    early = "early" in tuning
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
@@ -715,17 +755,8 @@ def make_kernel(
         block_head = cuda.blockIdx.x * heads  # the block's first kv head
         kv_head = block_head + warp % heads
         seq_len = seq_lens[seq]
-        if part * partition_size >= seq_len:
-            return
-        alone = cuda.gridDim.z == 1  # one partition a sequence: no merge, the output itself
         sub = partition_size // runs
         start = part * partition_size + warp // heads * sub
-        end = min(start + sub, seq_len)
-        num_heads = partial_out.shape[1]
-        kv_heads = num_heads // group
-        base = kv_heads * row  # words from one token's row to the next
-        g = lane >> 2
-        t = lane & 3
 
         # [ids | runs (several warps) | swap | posted], each warp's share of each in turn
         id_words = -(-(sub >> shift) // 4) * 4
@@ -736,8 +767,22 @@ def make_kernel(
         swap = smem[swap_at : swap_at + warps * SWAP]  # (the simulator's)
         posted = cuda.shared.array(0, uint32)[swap_at + warps * SWAP :]  # (the simulator's)
 
+        if early:  # the whole run's block numbers, as far as the table goes
+            table = block_tables[seq]
+            fetch_ids(ids, table, start, min(start + sub, table.shape[0] << shift), shift, lane)
+        if part * partition_size >= seq_len:
+            return
+        alone = cuda.gridDim.z == 1  # one partition a sequence: no merge, the output itself
+        end = min(start + sub, seq_len)
+        num_heads = partial_out.shape[1]
+        kv_heads = num_heads // group
+        base = kv_heads * row  # words from one token's row to the next
+        g = lane >> 2
+        t = lane & 3
+
         if start < seq_len:
-            fetch_ids(ids, block_tables[seq], start, end, shift, lane)
+            if not early:
+                fetch_ids(ids, block_tables[seq], start, end, shift, lane)
             q = cuda.local.array(q_words, uint32)
             load_query(q, query_words, seq, num_heads, kv_head, g, t)
             k_even = cuda.local.array(k_words, uint32)
