@@ -92,6 +92,7 @@ def test_v6_tuning_choices_match_reference(tuning: tuple) -> None:
         (3, 4, 2, True, ("lean",)),
         (3, 4, 2, True, ("lean", "padded")),
         (3, 4, 1, True, ("lean",)),
+        (1, 4, 1, False, ("lean",)),
     ],
 )
 def test_v6_combines_runs_either_way(

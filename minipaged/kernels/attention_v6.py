@@ -286,19 +286,29 @@ def fetch_ids(ids, table, start, end, shift, lane):  # noqa: ANN001, ANN201
 
 
 @functools.cache
-def make_load_query(group: int, head_dim: int) -> Any:
+def make_load_query(group: int, head_dim: int, wide: bool = False) -> Any:
     """The device function that loads lane ``(g, t)``'s query registers: pieces ``t + 4 i`` of
     query head ``g`` of the kv head, in the order its K words come (zeros for ``g >= group``;
-    versions 6 and 7 share it)."""
+    versions 6 to 8 share it). ``wide`` (version 6's tuning choice ``early``): each piece in
+    one 16-byte load, as the cache's, instead of four words, each its own load whose index
+    Numba tests for being negative: fewer instructions before a warp's first tile."""
     k_pieces = head_dim // PIECE // 4
+    load16 = _make_load16()
 
     @cuda.jit(device=True, **INLINE)
     def load_query(q, query_words, seq, num_heads, kv_head, g, t):
         lit = g < group
         q_at = ((seq * num_heads + kv_head * group + (g if lit else 0)) * head_dim) // 2
         for i in range(k_pieces):
-            for w in range(4):
-                q[4 * i + w] = query_words[q_at + 4 * (t + 4 * i) + w] if lit else uint32(0)
+            if wide:
+                if lit:
+                    w0, w1, w2, w3 = load16(query_words, q_at + 4 * (t + 4 * i))
+                else:
+                    w0, w1, w2, w3 = uint32(0), uint32(0), uint32(0), uint32(0)
+                q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3] = w0, w1, w2, w3
+            else:
+                for w in range(4):
+                    q[4 * i + w] = query_words[q_at + 4 * (t + 4 * i) + w] if lit else uint32(0)
 
     return load_query
 
@@ -427,14 +437,14 @@ def make_write_run(
     the output itself, or the partition's partial result (versions 6 and 7 share it).
     ``weighed`` (with ``several``): the output is left as its sums, not divided, for
     ``make_combine_runs``, which weighs all runs alike; ``padded`` (with ``weighed``): in
-    ``run_layout``'s padded slot. ``lean`` (with ``weighed``, a tuning choice): each store
+    ``run_layout``'s padded slot. ``lean`` (with ``several``, a tuning choice): each store
     at a constant distance from the lane's first output (``lean_offsets``), so that the
     compiler makes each one instruction, not a branch and its address worked out."""
     tiles_m = head_dim // 16
     stride, _ = run_layout(group, head_dim, padded)
     skew = 1 if padded else 0
     outputs = group * stride
-    lean = lean and several and weighed
+    lean = lean and several
     offsets = lean_offsets(head_dim, stride, skew)
 
     @cuda.jit(device=True, **INLINE)
@@ -455,7 +465,7 @@ def make_write_run(
             lit = (2 * t < group, 2 * t + 1 < group)
             for n in range(4 * tiles_m):
                 if lit[n & 1]:
-                    mine[offsets[n]] = acc[n]
+                    mine[offsets[n]] = acc[n] if weighed else acc[n] / sums[n & 1]
         for j in range(0 if lean else tiles_m):
             for i in range(4):
                 head, dim = _acc_output(lane, 4 * j + i)
@@ -706,8 +716,9 @@ def make_kernel(
     its own choice); ``hint``: a cache qualifier for the loads of the cache; ``tuning``:
     ``make_walk``'s, ``"padded"`` and ``"lean"``, ``make_end``'s, and ``"early"``: each warp
     reads its run's block numbers before its sequence's length has come, as far as the table
-    goes (so up to a run's worth past the sequence's last block), and not after: a launch's
-    first loads of the cache wait on one round trip to memory fewer."""
+    goes (so up to a run's worth past the sequence's last block), and not after, and loads
+    its query 16 bytes at a time (``make_load_query``'s ``wide``): a launch's first loads of
+    the cache wait on one round trip to memory fewer, and on fewer instructions."""
     _load16 = _make_load16(hint)
     threads = warps * WARP
     bounds = (threads, min_blocks) if min_blocks else threads
@@ -727,9 +738,9 @@ def make_kernel(
         group, head_dim, warps, heads, "padded" in tuning, "lean" in tuning
     )
     tops = slot - 2 * group
-    load_query = make_load_query(group, head_dim)
-    walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
     early = "early" in tuning
+    load_query = make_load_query(group, head_dim, early)
+    walk = make_walk(group, head_dim, block_size, _load16, tuning, heads)
 
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"launch_bounds": bounds}))
     def paged_attention_v6_kernel(
