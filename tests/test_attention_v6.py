@@ -59,6 +59,17 @@ def test_v6_matches_reference(case: tuple) -> None:
     close(out, expected(args), np.float16)
 
 
+@settings(max_examples=6, deadline=None)
+@given(cases(), st.sets(st.sampled_from(attention_v6.CHOICES)))
+def test_v6_with_any_tuning_choices_matches_reference(case: tuple, tuning: set) -> None:
+    """Any set of ``CHOICES`` on the drawn shapes: the tuning choices change how the kernel
+    gets there, never what it computes."""
+    args, partition, warps, heads = case
+    a = attention.prepare_attention(*args, out=np.full_like(args[0], np.nan))
+    attention_v6.launch_v6(a, partition, warps, heads, tuning=tuple(tuning))
+    close(a.result(), expected(args), np.float16)
+
+
 @pytest.mark.parametrize(
     "tuning",
     [

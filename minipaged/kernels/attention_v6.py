@@ -439,7 +439,8 @@ def make_write_run(
     ``make_combine_runs``, which weighs all runs alike; ``padded`` (with ``weighed``): in
     ``run_layout``'s padded slot. ``lean`` (with ``several``, a tuning choice): each store
     at a constant distance from the lane's first output (``lean_offsets``), so that the
-    compiler makes each one instruction, not a branch and its address worked out."""
+    compiler makes each one instruction, not a branch and its address worked out, and
+    (unweighed) each output multiplied by its head's inverse sum, not divided by the sum."""
     tiles_m = head_dim // 16
     stride, _ = run_layout(group, head_dim, padded)
     skew = 1 if padded else 0
@@ -463,9 +464,10 @@ def make_write_run(
             head, dim = _acc_output(lane, 0)
             mine = run[uint32(_run_at(head, dim, stride, skew)) :]
             lit = (2 * t < group, 2 * t + 1 < group)
+            scales = (float32(1.0) / sums[0], float32(1.0) / sums[1])  # (unused if weighed)
             for n in range(4 * tiles_m):
                 if lit[n & 1]:
-                    mine[offsets[n]] = acc[n] if weighed else acc[n] / sums[n & 1]
+                    mine[offsets[n]] = acc[n] if weighed else acc[n] * scales[n & 1]
         for j in range(0 if lean else tiles_m):
             for i in range(4):
                 head, dim = _acc_output(lane, 4 * j + i)
@@ -766,8 +768,26 @@ def make_kernel(
         block_head = cuda.blockIdx.x * heads  # the block's first kv head
         kv_head = block_head + warp % heads
         seq_len = seq_lens[seq]
+        if early:  # the run's block numbers, as far as the table goes, while the length comes
+            sub = partition_size // runs
+            start = part * partition_size + warp // heads * sub
+            words = -(-(sub >> shift) // 4) * 4  # id_words, below
+            table = block_tables[seq]
+            fetch_ids(
+                cuda.shared.array(0, int32)[warp * words : (warp + 1) * words], table, start,
+                min(start + sub, table.shape[0] << shift), shift, lane,
+            )  # fmt: skip
+        if part * partition_size >= seq_len:
+            return
+        alone = cuda.gridDim.z == 1  # one partition a sequence: no merge, the output itself
         sub = partition_size // runs
         start = part * partition_size + warp // heads * sub
+        end = min(start + sub, seq_len)
+        num_heads = partial_out.shape[1]
+        kv_heads = num_heads // group
+        base = kv_heads * row  # words from one token's row to the next
+        g = lane >> 2
+        t = lane & 3
 
         # [ids | runs (several warps) | swap | posted], each warp's share of each in turn
         id_words = -(-(sub >> shift) // 4) * 4
@@ -777,19 +797,6 @@ def make_kernel(
         ids = cuda.shared.array(0, int32)[warp * id_words : (warp + 1) * id_words]
         swap = smem[swap_at : swap_at + warps * SWAP]  # (the simulator's)
         posted = cuda.shared.array(0, uint32)[swap_at + warps * SWAP :]  # (the simulator's)
-
-        if early:  # the whole run's block numbers, as far as the table goes
-            table = block_tables[seq]
-            fetch_ids(ids, table, start, min(start + sub, table.shape[0] << shift), shift, lane)
-        if part * partition_size >= seq_len:
-            return
-        alone = cuda.gridDim.z == 1  # one partition a sequence: no merge, the output itself
-        end = min(start + sub, seq_len)
-        num_heads = partial_out.shape[1]
-        kv_heads = num_heads // group
-        base = kv_heads * row  # words from one token's row to the next
-        g = lane >> 2
-        t = lane & 3
 
         if start < seq_len:
             if not early:
