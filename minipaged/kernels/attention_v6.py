@@ -285,6 +285,19 @@ def fetch_ids(ids, table, start, end, shift, lane):  # noqa: ANN001, ANN201
     v5._syncwarp()
 
 
+@cuda.jit(device=True, **INLINE)
+def fetch_run_ids(ids, table, first, count, lane):  # noqa: ANN001, ANN201
+    """``fetch_ids`` for version 6's tuning choice ``early``: blocks ``first`` to ``first +
+    count - 1`` of the sequence's ``table`` into ``ids``, with 32-bit unsigned indices, whose
+    loop and addresses take fewer instructions than Numba's 64-bit signed ones (the loads
+    of the table wait on them)."""
+    i = lane
+    while i < count:
+        ids[i] = table[first + i]
+        i += uint32(WARP)
+    v5._syncwarp()
+
+
 @functools.cache
 def make_load_query(group: int, head_dim: int, wide: bool = False) -> Any:
     """The device function that loads lane ``(g, t)``'s query registers: pieces ``t + 4 i`` of
@@ -769,13 +782,15 @@ def make_kernel(
         kv_head = block_head + warp % heads
         seq_len = seq_lens[seq]
         if early:  # the run's block numbers, as far as the table goes, while the length comes
-            sub = partition_size // runs
-            start = part * partition_size + warp // heads * sub
-            words = -(-(sub >> shift) // 4) * 4  # id_words, below
-            table = block_tables[seq]
-            fetch_ids(
-                cuda.shared.array(0, int32)[warp * words : (warp + 1) * words], table, start,
-                min(start + sub, table.shape[0] << shift), shift, lane,
+            tid = uint32(cuda.threadIdx.x)  # (unsigned: warp and lane without corrections)
+            blocks = uint32(partition_size >> shift) // uint32(runs)  # a run's
+            first = (uint32(part) * uint32(runs) + tid // uint32(WARP * heads)) * blocks
+            width = uint32(block_tables.shape[1])
+            words = (blocks + uint32(3)) & ~uint32(3)  # id_words, below
+            fetch_run_ids(
+                cuda.shared.array(0, int32)[tid // uint32(WARP) * words :], block_tables[seq],
+                first, min(blocks, width - first) if first < width else uint32(0),
+                tid % uint32(WARP),
             )  # fmt: skip
         if part * partition_size >= seq_len:
             return
