@@ -26,7 +26,7 @@ from test_attention_v4 import (  # noqa: F401
 from test_attention_v5 import nan_past_end_args
 
 from minipaged.errors import InvalidRequest
-from minipaged.kernels import attention, attention_v6
+from minipaged.kernels import attention, attention_v4, attention_v6
 from minipaged.kernels.attention_v6 import paged_attention_v6, supports
 
 
@@ -181,6 +181,21 @@ def test_v6_refuses_an_unknown_tuning_choice() -> None:
     a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))
     with pytest.raises(InvalidRequest, match="unknown tuning"):
         attention_v6.launch_v6(a, 32, tuning=("fast",))
+
+
+def test_v6_early_refuses_a_query_off_a_16_byte_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``early`` loads the query 16 bytes at a time, so a query that starts off a 16-byte
+    boundary (a view into a larger device array) is refused before the launch, and the
+    output is left as it was; without ``early`` the query is read a word at a time."""
+    rng = np.random.default_rng(1)
+    a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))
+    a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
+    real = attention_v4._address
+    monkeypatch.setattr(attention_v4, "_address", lambda x: 8 if x is a.query else real(x))
+    with pytest.raises(InvalidRequest, match="query starts at 0x8, not on a 16-byte boundary"):
+        attention_v6.launch_v6(a, 32, tuning=(*attention_v6.TUNING, "early"))
+    assert np.isnan(a.out.copy_to_host()).all()
+    attention_v6.launch_v6(a, 32)
 
 
 def test_v6_on_its_own_launch_choice() -> None:

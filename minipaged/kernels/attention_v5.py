@@ -1232,11 +1232,12 @@ def allow_shared(kernel: Any, args: tuple[Any, ...], nbytes: int) -> None:
     _allowed[kernel, sig] = nbytes
 
 
-def check_aligned(a: v2.AttentionArgs) -> None:
-    """``InvalidRequest`` unless both caches start on a 16-byte boundary, as 16-byte copies and
-    loads of them need (versions 5 and 6)."""
-    for name, cache in (("key_cache", a.key_cache), ("value_cache", a.value_cache)):
-        address = v4._address(cache)
+def check_aligned(a: v2.AttentionArgs, query: bool = False) -> None:
+    """``InvalidRequest`` unless both caches (and with ``query`` the query) start on a 16-byte
+    boundary, as 16-byte copies and loads of them need (versions 5 to 8)."""
+    arrays = [("key_cache", a.key_cache), ("value_cache", a.value_cache)]
+    for name, array in arrays + ([("query", a.query)] if query else []):
+        address = v4._address(array)
         if address % 16:
             raise InvalidRequest(f"{name} starts at {address:#x}, not on a 16-byte boundary")
 

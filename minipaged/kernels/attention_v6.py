@@ -1051,7 +1051,7 @@ def launch_v6(
     )  # fmt: skip
     if reason:
         raise InvalidRequest(reason)
-    v5.check_aligned(a)
+    v5.check_aligned(a, query="early" in tuning)  # (early loads the query 16 bytes at once)
     group = num_heads // kv_heads
     parts = -(-a.max_seq_len // partition_size)
     runs = warps // heads
