@@ -18,8 +18,8 @@ and when it has walked its run, and the SM it ran on, in kernels that are versio
 - ``v6+end``: the same, then that last step, stamped again when the warp has written its
   run, when its block has met at the barrier before the combine, and when the warp has done
   its part of the combine: the whole of version 6's kernel, its output compared with
-  ``launch_v6``'s (``v6+end+padded``, not run by default: with the tuning choice
-  ``"padded"``);
+  ``launch_v6``'s (``v6+end+padded``, ``v6+end+lean`` and ``v6+end+lean+padded``, not run
+  by default: with those of ``make_end``'s tuning choices);
 - ``loads``: its loads alone, the same loads in the same order into the same two sets of
   registers, each tile only XORed into one word (``probe_walk.make_fold``);
 - ``loads+128``: the loads alone with a chain of 128 dependent integer multiply-adds after
@@ -155,8 +155,9 @@ def stamped_kernel(group: int, head_dim: int, block_size: int, warps: int, heads
     load_query = attention_v6.make_load_query(group, head_dim)
     swap_words = attention_v6.SWAP
     # a warp's run for combine_warps, as version 6's, its maxima from ``tops`` on
+    choices = kind.split("+")[2:] if ending else []  # v6+end+lean+padded: make_end's
     write_run, combine_warps, slot = attention_v6.make_end(
-        group, head_dim, warps, heads, kind == "v6+end+padded"
+        group, head_dim, warps, heads, "padded" in choices, "lean" in choices
     )
     tops = slot - 2 * group
 
@@ -344,8 +345,11 @@ def main() -> None:
             kinds = tuple(arg.partition("=")[2].split(","))
         else:
             batches.append(arg)
-    for name in batches or ["64x4096/8"]:
-        probe(gpu.batch_shape(name), timing, kinds)
+    shapes = [gpu.batch_shape(name) for name in batches or ["64x4096/8"]]
+    if config.ENABLE_CUDASIM:  # one tiny batch, 4 query heads a kv head
+        shapes = [gpu.AttentionShape(2, 64, 8, 2, 64)]
+    for shape in shapes:
+        probe(shape, timing, kinds)
 
 
 if __name__ == "__main__":
