@@ -188,7 +188,8 @@ def test_v6_early_refuses_a_query_off_a_16_byte_boundary(monkeypatch: pytest.Mon
     boundary (a view into a larger device array) is refused before the launch, and the
     output is left as it was; without ``early`` the query is read a word at a time."""
     rng = np.random.default_rng(1)
-    a = attention.prepare_attention(*random_args(rng, [20], 4, 64, 0.125))
+    args = random_args(rng, [20], 4, 64, 0.125)
+    a = attention.prepare_attention(*args)
     a.out.copy_to_device(np.full(a.out.shape, np.nan, a.out.dtype))
     real = attention_v4._address
     monkeypatch.setattr(attention_v4, "_address", lambda x: 8 if x is a.query else real(x))
@@ -196,6 +197,7 @@ def test_v6_early_refuses_a_query_off_a_16_byte_boundary(monkeypatch: pytest.Mon
         attention_v6.launch_v6(a, 32, tuning=(*attention_v6.TUNING, "early"))
     assert np.isnan(a.out.copy_to_host()).all()
     attention_v6.launch_v6(a, 32)
+    close(a.result(), expected(args), np.float16)
 
 
 def test_v6_on_its_own_launch_choice() -> None:
