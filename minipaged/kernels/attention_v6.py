@@ -564,23 +564,24 @@ def make_combine_runs(
         past the sequence's end left maximum minus infinity: weight 0)."""
         i = cuda.threadIdx.x
         if i < heads * group:
-            k = i // group  # the block's kv head k, query head h
-            h = i - k * group
+            k = word(i) // word(group)  # the block's kv head k, query head h
+            h = word(i) - k * word(group)
             top = NEG_INF
             for r in range(runs):
-                top = max(top, slots[(r * heads + k) * slot + tops + h])
+                top = max(top, slots[(word(r * heads) + k) * word(slot) + word(tops) + h])
             total = float32(0.0)
             for r in range(runs):
-                at = (r * heads + k) * slot + tops + h
+                at = (word(r * heads) + k) * word(slot) + word(tops) + h
                 e = math.exp(slots[at] - top)
                 slots[at] = e
-                total += slots[at + group] * e
+                total += slots[at + word(group)] * e
             inverse = float32(1.0) / total
             for r in range(runs):
-                slots[(r * heads + k) * slot + tops + h] *= inverse
+                slots[(word(r * heads) + k) * word(slot) + word(tops) + h] *= inverse
             if not alone:
-                max_logits[seq, (kv_head + k) * group + h, part] = top
-                exp_sums[seq, (kv_head + k) * group + h, part] = total
+                head = word(kv_head) * word(group) + k * word(group) + h
+                max_logits[word(seq), head, word(part)] = top
+                exp_sums[word(seq), head, word(part)] = total
         cuda.syncthreads()
         for n in range(rounds):
             o = word(i) + word(n * threads)
