@@ -481,17 +481,18 @@ def make_write_run(
             for n in range(4 * tiles_m):
                 if lit[n & 1]:
                     mine[offsets[n]] = acc[n] if weighed else acc[n] * scales[n & 1]
-        for j in range(0 if lean else tiles_m):
-            for i in range(4):
-                head, dim = _acc_output(lane, 4 * j + i)
-                if head < group:
-                    x = acc[4 * j + i] if several and weighed else acc[4 * j + i] / sums[i & 1]
-                    if several:
-                        run[_run_at(head, dim, stride, skew)] = x
-                    elif alone:
-                        out[seq, kv_head * group + head, dim] = x
-                    else:
-                        partial_out[seq, kv_head * group + head, part, dim] = x
+        else:
+            for j in range(tiles_m):
+                for i in range(4):
+                    head, dim = _acc_output(lane, 4 * j + i)
+                    if head < group:
+                        x = acc[4 * j + i] if several and weighed else acc[4 * j + i] / sums[i & 1]
+                        if several:
+                            run[_run_at(head, dim, stride, skew)] = x
+                        elif alone:
+                            out[seq, kv_head * group + head, dim] = x
+                        else:
+                            partial_out[seq, kv_head * group + head, part, dim] = x
         if g == 0:
             for i in range(2):
                 head = 2 * t + i
